@@ -1,0 +1,43 @@
+# Every target sets itself up: it uses the active virtual environment, or creates .venv here.
+PYTHON ?= python3
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.mit-lightning-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench reproduce-table1 reproduce-table2 reproduce-table3 clean-demo
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/mit fit --config configs/demo.yaml
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(BIN)/mit bench --scale tiny
+
+reproduce-table1: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table1
+
+reproduce-table2: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table2
+
+reproduce-table3: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table3
+
+clean-demo:
+	rm -rf data/demo runs/demo

@@ -1,0 +1,1 @@
+"""LightningDataModules reading the datasets' real on-disk formats."""

@@ -1,0 +1,49 @@
+"""Errors a user can act on, and the path checks that raise them.
+
+The CLI prints a `UserError` as one message (what is wrong, what to do) instead of a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input, missing data or missing weights: the message tells the user what to do."""
+
+
+_ENV_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand `${VAR}` and `${VAR:-default}` so configs can read paths from the environment.
+
+    An unset variable without a default is an error: silently expanding it to "" would point at
+    the current directory.
+    """
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group("name"), match.group("default")
+        if name in os.environ and os.environ[name] != "":
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise UserError(f"The path '{value}' needs the environment variable {name}; set it, or give the path directly.")
+
+    return os.path.expanduser(_ENV_PATTERN.sub(substitute, value))
+
+
+def existing_path(value: str | os.PathLike, what: str, hint: str, *, is_dir: bool | None = None) -> Path:
+    """Resolve `value` (env vars expanded) and check it exists; `what`/`hint` make the error actionable."""
+    path = Path(expand_env(str(value)))
+    kind = {True: "directory", False: "file", None: "path"}[is_dir]
+    if not path.exists():
+        raise UserError(f"{what} not found: expected a {kind} at '{path}'. {hint}")
+    if is_dir is True and not path.is_dir():
+        raise UserError(f"{what} must be a directory, but '{path}' is a file. {hint}")
+    if is_dir is False and not path.is_file():
+        raise UserError(f"{what} must be a file, but '{path}' is a directory. {hint}")
+    return path
