@@ -1,0 +1,211 @@
+"""The frozen decoder-only LLM: loading, tokenising and reading the last-token feature.
+
+Any HuggingFace decoder of the LLaMA family works (LLaMA-2/3, Mistral, Qwen2, ...): what MiT needs
+is a stack of decoder layers with `self_attn` (k/v projections) and a gated `mlp.down_proj`.
+Only the base model is loaded (no LM head): MiT reads hidden states, never logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mit_lightning.backbones.tiny import TINY_LLM_PRESETS, seeded_init, tiny_llm_config, tiny_tokenizer
+from mit_lightning.errors import UserError, expand_env
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UserError(f"Unknown dtype '{name}'; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+@dataclass
+class LLMConfig:
+    """Which LLM to load and how.
+
+    Args:
+        path: local HuggingFace model folder (config.json, weights, tokenizer files), or a tiny
+            preset built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2.
+        dtype: dtype of the frozen weights (bfloat16 in the paper).
+        attention: the attention kernel the infused layers keep using: sdpa, flash_attention_2, eager, ...
+        padding_side: where the tokenizer pads; the last-token feature is correct for both.
+        max_text_tokens: prompts longer than this are cut from the left (the task suffix is kept).
+        seed: seed of a tiny preset's random weights (frozen weights are rebuilt, not saved).
+    """
+
+    path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
+    dtype: str = "bfloat16"
+    attention: str = "sdpa"
+    padding_side: str = "right"
+    max_text_tokens: int = 128
+    seed: int = 0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path in TINY_LLM_PRESETS
+
+    def local_path(self) -> Path:
+        """The model folder, checked: a clear message instead of a hub lookup or a traceback."""
+        path = Path(expand_env(self.path))
+        hint = (
+            "Set model.llm.path (or the MIT_LLM_PATH environment variable) to a local HuggingFace model folder, "
+            "e.g. the LLaMA-2-7B weights converted to HF format; see README.md. Use 'tiny' for a random test model."
+        )
+        if not path.is_dir():
+            raise UserError(f"LLM weights not found: expected a model folder at '{path}'. {hint}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"LLM folder '{path}' has no config.json, so it is not a HuggingFace model folder. {hint}")
+        return path
+
+    def hf_config(self):
+        """The model's configuration, read without loading weights (to size the trainable parts)."""
+        if self.is_tiny:
+            return tiny_llm_config(self.path, len(tiny_tokenizer()))
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.local_path(), local_files_only=True)
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """The sizes of a decoder that infusion modules are built against."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> "LLMShape":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            hidden_size=text.hidden_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate_size=text.intermediate_size,
+        )
+
+
+def _set_pad_token(tokenizer) -> None:
+    """LLaMA tokenizers ship without a pad token; any id works since padding is masked out."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise UserError("The tokenizer has no pad, unk or eos token to pad with; add a pad token to its files.")
+
+
+class FrozenLLM(nn.Module):
+    """A frozen, eval-mode decoder plus its tokenizer; returns hidden states of every token."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = self._load_tokenizer()
+        self.model = self._load_model()
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.shape = LLMShape.from_hf_config(self.model.config)
+        _check_structure(self.model)
+
+    def _load_tokenizer(self):
+        if self.config.is_tiny:
+            tokenizer = tiny_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.config.local_path(), local_files_only=True)
+        _set_pad_token(tokenizer)
+        tokenizer.padding_side = self.config.padding_side
+        tokenizer.truncation_side = "left"
+        return tokenizer
+
+    def _load_model(self) -> nn.Module:
+        from transformers import AutoModel
+
+        dtype = torch_dtype(self.config.dtype)
+        if self.config.is_tiny:
+            with seeded_init(self.config.seed):
+                return AutoModel.from_config(
+                    self.config.hf_config(), dtype=dtype, attn_implementation=self.config.attention
+                )
+        return AutoModel.from_pretrained(
+            self.config.local_path(), dtype=dtype, attn_implementation=self.config.attention, local_files_only=True
+        )
+
+    def train(self, mode: bool = True) -> "FrozenLLM":
+        """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train())."""
+        return super().train(False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def tokenize(self, prompts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
+        )
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **layer_kwargs: Any,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, d) after the final norm; `layer_kwargs` reach every attention call.
+
+        Position ids count real tokens only, so left- and right-padded batches give the same features.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        output = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **layer_kwargs,
+        )
+        return output.last_hidden_state
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each sequence's last non-padding token (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.long()).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _check_structure(model: nn.Module) -> None:
+    """Fail at load time, not mid-training, when the model is not a LLaMA-style decoder."""
+    layers = getattr(model, "layers", None)
+    problem = None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        problem = "it has no `layers` list of decoder layers"
+    else:
+        layer = layers[0]
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not hasattr(attention, "layer_idx"):
+            problem = "its decoder layers have no `self_attn` with a `layer_idx`"
+        elif not hasattr(getattr(layer, "mlp", None), "down_proj"):
+            problem = "its decoder layers have no gated MLP with `down_proj`"
+    if problem:
+        raise UserError(
+            f"{type(model).__name__} is not a LLaMA-family decoder MiT can infuse: {problem}. "
+            "Use a LLaMA, Mistral, Qwen2 or similar decoder-only model."
+        )
