@@ -1,0 +1,144 @@
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench`.
+
+- The run's config is saved in the run directory and inside every checkpoint, so
+  `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
+  `--config` or any override given after it still applies (another split, another data root).
+- Errors the user can fix (missing data or weights, bad settings) print one message, no traceback.
+- `test` writes the test metrics to `test_metrics.json` in the run directory and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from mit_lightning.data.base import MiTDataModule
+from mit_lightning.errors import UserError
+from mit_lightning.module import MiTModule
+
+#: the parts of a run's config that say how to rebuild and evaluate its model
+CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
+CHECKPOINT_CONFIG_ENTRY = "mit_config"
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves config.yaml in the run directory (never overwriting one) and the config in checkpoints."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        checkpoint[CHECKPOINT_CONFIG_ENTRY] = {key: full[key] for key in CHECKPOINT_CONFIG_KEYS if key in full}
+
+
+class MiTCLI(LightningCLI):
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            MiTModule,
+            MiTDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
+            auto_configure_optimizers=False,
+            trainer_defaults={"default_root_dir": "runs"},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5}},
+                "model.lr_scheduler": {
+                    "class_path": "torch.optim.lr_scheduler.StepLR",
+                    "init_args": {"step_size": 10, "gamma": 0.1},
+                },
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="After fit, test the best checkpoint (or the last one without a monitored metric).",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config_init[self.subcommand].get("test_after_fit"):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self.after_test()
+
+    def after_test(self) -> None:
+        results = {
+            name: float(value)
+            for name, value in self.trainer.callback_metrics.items()
+            if name.startswith("test/") and value.numel() == 1
+        }
+        if not self.trainer.is_global_zero or not results:
+            return
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "test_metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(_summary(results) + f"\nTest metrics written to {log_dir / 'test_metrics.json'}")
+
+
+def _summary(results: dict[str, float]) -> str:
+    lines = ["Test results:"]
+    splits = sorted({name.split("/")[1] for name in results if name.count("/") >= 2})
+    for split in splits:
+        metrics = {name.split("/", 2)[2]: value for name, value in results.items() if name.startswith(f"test/{split}/")}
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+        lines.append(f"  {split}: {shown}")
+    return "\n".join(lines)
+
+
+def _option_value(args: Sequence[str], option: str) -> str | None:
+    for position, arg in enumerate(args):
+        if arg == option and position + 1 < len(args):
+            return args[position + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def with_checkpoint_config(args: list[str]) -> list[str]:
+    """`mit test --ckpt_path X ...` → `mit test --config <X's run config> --ckpt_path X ...`.
+
+    The stored config comes first, so the user's own --config files and overrides win.
+    """
+    if not args or args[0] not in EVALUATION_SUBCOMMANDS:
+        return args
+    ckpt_path = _option_value(args, "--ckpt_path")
+    if ckpt_path in (None, "best", "last", "hpc", "registry"):
+        return args
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"Checkpoint not found: '{path}'. Give the path of a .ckpt file written by `mit fit`.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY)
+    if not stored:
+        return args
+    return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
+
+
+def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
+    """Entry point used by the `mit` script and by tests (which pass `args`)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] == "bench":
+        from mit_lightning.bench import main as bench_main
+
+        bench_main(args[1:])
+        return None
+    return MiTCLI(args=with_checkpoint_config(args))
+
+
+def main() -> None:
+    try:
+        cli_main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

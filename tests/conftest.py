@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny frozen backbones built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mit_lightning.backbones.llm import FrozenLLM, LLMConfig  # noqa: E402
+from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_factory():
+    """Build (and cache) tiny LLMs; a fresh one per key so tapping one does not affect another test."""
+    built: dict[tuple, FrozenLLM] = {}
+
+    def build(preset: str = "tiny", attention: str = "sdpa", key: str = "") -> FrozenLLM:
+        cache_key = (preset, attention, key)
+        if cache_key not in built:
+            built[cache_key] = FrozenLLM(LLMConfig(path=preset, dtype="float32", attention=attention))
+        return built[cache_key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> FrozenCLIP:
+    return FrozenCLIP(VisionConfig(name="tiny", weights=None, dtype="float32"))
