@@ -1,0 +1,1 @@
+"""Frozen backbones and trainable modality encoders."""

@@ -1,0 +1,195 @@
+"""What the image-text classification data modules (UPMC-Food101, SNLI-VE) share.
+
+A sample is one image, one text and one class id. The text is filled into a task prompt (the
+paper's Figure 3 style); the image is decoded in the worker into a square uint8 tensor. Bad
+images are handled in two places so that neither stops an epoch:
+- a *missing* file is found at setup (one `os.stat` per distinct path), the sample is excluded
+  and the split's count and first paths are logged once;
+- a file that exists but cannot be *decoded* is only found when loaded: the dataset returns an
+  `UnreadableImage` marker and `collate` drops it, listing its path in ``batch["skipped"]`` so
+  the LightningModule can count and report it.
+
+Batch keys (on top of the contract in `mit_lightning.data.base`): ``label`` long (B,), ``text``
+and ``image_path`` list[str], and ``skipped`` list[str] (always present, often empty). When every
+sample of a batch was dropped, the batch is ``{"index": empty long tensor, "prompt": [],
+"skipped": [...]}`` and the model skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from mit_lightning.data.base import DataSpec, MiTDataModule, collate
+from mit_lightning.data.images import load_rgb, to_square_tensor
+from mit_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: the placeholder a prompt template must contain; the sample's text replaces it
+TEXT_PLACEHOLDER = "{text}"
+#: how many missing paths a log line names before it only counts
+PATHS_SHOWN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTextRecord:
+    """One sample as read from the annotation files, before its image is opened."""
+
+    image_path: str
+    text: str
+    label: int
+
+
+class UnreadableImage(NamedTuple):
+    """Returned by the dataset in place of a sample whose image could not be decoded."""
+
+    path: str
+
+
+def check_prompt_template(template: str) -> str:
+    """Fail at construction, not in a worker, when the template has nowhere to put the text."""
+    if TEXT_PLACEHOLDER not in template:
+        raise UserError(f"data.prompt_template must contain {TEXT_PLACEHOLDER} where the sample's text goes; "
+                        f"got {template!r}.")
+    return template
+
+
+class ImageTextDataset(Dataset):
+    """Records → items ``prompt, index, image, label, text, image_path`` (or an `UnreadableImage`)."""
+
+    def __init__(self, records: Sequence[ImageTextRecord], prompt_template: str, image_size: int) -> None:
+        self.records = list(records)
+        self.prompt_template = prompt_template
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | UnreadableImage:
+        record = self.records[index]
+        try:
+            image = load_rgb(record.image_path)
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for broken or truncated files
+            log.debug("Cannot decode %s: %s", record.image_path, error)
+            return UnreadableImage(record.image_path)
+        return {
+            # plain substitution, not str.format: other braces in the template or the text stay as they are
+            "prompt": self.prompt_template.replace(TEXT_PLACEHOLDER, record.text),
+            "index": index,
+            "image": to_square_tensor(image, self.image_size),
+            "label": record.label,
+            "text": record.text,
+            "image_path": record.image_path,
+        }
+
+
+def drop_missing_images(records: Sequence[ImageTextRecord], description: str) -> list[ImageTextRecord]:
+    """Keep the records whose image file exists; log the excluded ones once for the split."""
+    exists: dict[str, bool] = {}  # many samples share an image (SNLI-VE): stat each file once
+    kept, missing = [], []
+    for record in records:
+        if record.image_path not in exists:
+            try:
+                os.stat(record.image_path)
+                exists[record.image_path] = True
+            except OSError:
+                exists[record.image_path] = False
+        (kept if exists[record.image_path] else missing).append(record)
+    if missing:
+        shown = ", ".join(record.image_path for record in missing[:PATHS_SHOWN])
+        more = ", ..." if len(missing) > PATHS_SHOWN else ""
+        log.warning("%s: %d of %d samples excluded because their image file is missing (%s%s).",
+                    description, len(missing), len(records), shown, more)
+    return kept
+
+
+class ImageTextClassificationDataModule(MiTDataModule):
+    """Base of the image-text classification data modules.
+
+    Subclasses name their dataset, the files each split needs (`_required_paths`), read a split's
+    records (`_read_records`) and give the class names (`class_names`).
+    """
+
+    #: shown in log lines and errors
+    dataset_name = "dataset"
+
+    def __init__(
+        self,
+        root: str,
+        prompt_template: str,
+        image_size: int | None,
+        train_split: str,
+        val_splits: Sequence[str],
+        test_splits: Sequence[str],
+        predict_splits: Sequence[str] | None,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        pin_memory: bool,
+    ) -> None:
+        super().__init__(root, train_split=train_split, val_splits=val_splits, test_splits=test_splits,
+                         predict_splits=predict_splits, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, pin_memory=pin_memory)
+        self.prompt_template = check_prompt_template(prompt_template)
+        if image_size is not None and image_size < 1:
+            raise UserError(f"data.image_size must be a positive number of pixels, got {image_size}.")
+        self.image_size = image_size
+        self._check_layout()
+
+    # --- to implement -----------------------------------------------------------------------
+    def _required_paths(self, split: str) -> dict[Path, str]:
+        """{path: what it is} for the files and folders `split` is read from."""
+        raise NotImplementedError
+
+    def _read_records(self, split: str) -> list[ImageTextRecord]:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------
+    @property
+    def all_splits(self) -> list[str]:
+        return list(dict.fromkeys([self.train_split, *self.val_splits, *self.test_splits, *self.predict_splits]))
+
+    def _check_layout(self) -> None:
+        """One error naming every missing file or folder, instead of failing on the first one later."""
+        required: dict[Path, str] = {}
+        for split in self.all_splits:
+            required.update(self._required_paths(split))
+        missing = [f"  {path}  ({what})" for path, what in required.items() if not path.exists()]
+        if missing:
+            listing = "\n".join(missing)
+            raise UserError(f"{self.dataset_name} data under '{self.root}' is incomplete; missing:\n{listing}\n"
+                            f"{self.layout_hint}")
+
+    def _build_datasets(self, splits: list[str]) -> dict[str, ImageTextDataset]:
+        image_size = self.image_size or self.model_image_size()
+        datasets = {}
+        for split in splits:
+            records = drop_missing_images(self._read_records(split), f"{self.dataset_name} {split}")
+            datasets[split] = ImageTextDataset(records, self.prompt_template, image_size)
+        return datasets
+
+    def _build_spec(self) -> DataSpec:
+        return DataSpec(num_classes=len(self.class_names), class_names=list(self.class_names))
+
+    def collate(self, samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, Any]:
+        """The shared collate over the decodable samples, plus ``skipped``: paths of those dropped.
+
+        A batch whose samples were all dropped has only ``index`` (empty), ``prompt`` ([]) and
+        ``skipped``.
+        """
+        kept = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
+        skipped = [sample.path for sample in samples if isinstance(sample, UnreadableImage)]
+        batch = collate(kept) if kept else {"index": torch.empty(0, dtype=torch.long), "prompt": []}
+        batch["skipped"] = skipped
+        return batch

@@ -1,0 +1,366 @@
+"""RefCOCO, RefCOCO+, RefCOCOg (and RefCLEF) for referring segmentation, read in the "refer" layout.
+
+    <root>/images/train2014/COCO_train2014_*.jpg   (or <root>/COCOtrain2014/, the authors' release name)
+    <root>/<dataset>/instances.json                COCO style: images, annotations (segmentations)
+    <root>/<dataset>/refs(<split_by>).p            pickled list of refs, each with its sentences
+
+Evaluation splits serve every sentence of every ref as one sample, the convention behind the
+published numbers; the training split serves each ref once per epoch with a random sentence, or
+every sentence. See data/README.md for downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from mit_lightning.data.base import MiTDataModule
+from mit_lightning.data.images import load_rgb, resize_mask, to_square_tensor
+from mit_lightning.errors import UserError, existing_path
+from mit_lightning.safe_pickle import load_data_pickle
+
+log = logging.getLogger(__name__)
+
+#: the paper's segmentation prompt (Figure 3)
+PAPER_TEMPLATE = "Segment the {description} according to the text. #Segmentation:"
+TRAIN_SENTENCES = ("one_per_ref", "all")
+SENTENCE_FIELDS = ("sent", "raw")
+
+
+@dataclass(frozen=True)
+class ReferCollection:
+    """What differs between the refer datasets: their split schemes and where their images live."""
+
+    split_bys: tuple[str, ...]  # the first one is the default
+    image_dirs: tuple[str, ...]  # relative to the root, tried in order
+    image_set: str  # how errors name the images
+
+
+_COCO_IMAGE_DIRS = ("images/train2014", "COCOtrain2014")
+COLLECTIONS: dict[str, ReferCollection] = {
+    "refcoco": ReferCollection(("unc", "google"), _COCO_IMAGE_DIRS, "COCO train2014"),
+    "refcoco+": ReferCollection(("unc",), _COCO_IMAGE_DIRS, "COCO train2014"),
+    "refcocog": ReferCollection(("umd", "google"), _COCO_IMAGE_DIRS, "COCO train2014"),
+    "refclef": ReferCollection(("unc", "berkeley"), ("images/saiapr_tc-12",), "SAIAPR TC-12"),
+}
+
+
+Record = Mapping[str, Any]  # an entry of instances.json
+Ref = Mapping[str, Any]  # an entry of the refs pickle
+
+
+class Sentence(NamedTuple):
+    sent_id: int
+    sent: str  # lower-cased, tokenised and re-joined by the dataset authors
+    raw: str  # as the annotator typed it
+
+
+@dataclass(frozen=True)
+class ReferredObject:
+    """One ref. The mask is kept as one compressed RLE: small in memory and cheap to send to workers."""
+
+    ref_id: int
+    image_path: str
+    mask: dict[str, Any]
+    sentences: tuple[Sentence, ...]
+
+
+@dataclass(frozen=True)
+class ReferFiles:
+    instances: Path
+    refs: Path
+    image_dir: Path
+
+
+# --- masks ------------------------------------------------------------------------------------
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO segmentation (polygons, or RLE compressed or not, one or a list) → one RLE of the union of its parts.
+
+    The union is the correct mask: the refer tool sums the parts and the authors' release keeps
+    only pixels equal to 1, which turns overlaps between parts into background.
+    """
+    parts = [segmentation] if isinstance(segmentation, dict) else list(segmentation)
+    # a part with fewer than 3 points encloses nothing, and pycocotools would read 4 numbers as a box
+    polygons = [part for part in parts if not isinstance(part, dict) and len(part) >= 6]
+    rles = list(mask_utils.frPyObjects(polygons, height, width)) if polygons else []
+    rles += [_compressed_rle(part, height, width) for part in parts if isinstance(part, dict)]
+    if not rles:
+        return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+    return mask_utils.merge(rles)
+
+
+def _compressed_rle(rle: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """Encode uncompressed RLE (counts as a list); compressed counts read from JSON are str, pycocotools wants bytes."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects(rle, height, width)
+    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_mask(rle: dict[str, Any]) -> np.ndarray:
+    """RLE → uint8 (H, W) array of 0/1."""
+    return np.ascontiguousarray(mask_utils.decode(rle))
+
+
+# --- loading ----------------------------------------------------------------------------------
+def load_refs(path: Path) -> list[dict[str, Any]]:
+    """The refs pickle, through the restricted unpickler: a downloaded data file must never run code."""
+    refs = load_data_pickle(path)
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        raise UserError(f"'{path}' should hold a list of refs (dicts), not a {type(refs).__name__}. Re-download it.")
+    return refs
+
+
+def load_instances(path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """images and annotations of instances.json by id (categories are not needed for segmentation)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            instances = json.load(file)
+        images = {image["id"]: image for image in instances["images"]}
+        return images, {annotation["id"]: annotation for annotation in instances["annotations"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"'{path}' is not a COCO-style instances file ({error!r}). Re-download it.") from error
+
+
+def refs_by_split(refs: Iterable[Ref], splits: Sequence[str], source: Path) -> dict[str, list[Ref]]:
+    """Group the refs of the wanted splits; an unknown split name is an error listing the available ones."""
+    grouped: dict[str, list[Ref]] = {}
+    for ref in refs:
+        grouped.setdefault(ref["split"], []).append(ref)
+    unknown = [split for split in splits if split not in grouped]
+    if unknown:
+        raise UserError(
+            f"Split(s) {', '.join(unknown)} not found in '{source}'; its splits are: {', '.join(grouped)}. "
+            "Set data.train_split / data.val_splits / data.test_splits to some of these."
+        )
+    return {split: grouped[split] for split in splits}
+
+
+def referred_objects(refs: Iterable[Ref], images: Mapping[int, Record], annotations: Mapping[int, Record],
+                     image_dir: Path, source: Path) -> list[ReferredObject]:
+    """Join refs with instances.json: the image file comes from `images[image_id]` (the ref's own
+    `file_name` carries an extra `_<n>` suffix and names no file)."""
+    objects = []
+    for ref in refs:
+        annotation, image = annotations.get(ref["ann_id"]), images.get(ref["image_id"])
+        if annotation is None or image is None:
+            raise UserError(
+                f"Ref {ref['ref_id']} in '{source}' points at annotation {ref['ann_id']} / image {ref['image_id']}, "
+                "which instances.json lacks: the two files come from different downloads. Re-download the dataset."
+            )
+        objects.append(ReferredObject(
+            ref_id=int(ref["ref_id"]),
+            image_path=str(image_dir / image["file_name"]),
+            mask=segmentation_to_rle(annotation["segmentation"], image["height"], image["width"]),
+            sentences=tuple(Sentence(int(s["sent_id"]), s["sent"], s["raw"]) for s in ref["sentences"]),
+        ))
+    return objects
+
+
+def check_images_exist(objects: Sequence[ReferredObject], split: str, image_dir: Path) -> None:
+    """Stat every image of a split once, so a broken install fails now instead of mid-epoch."""
+    paths = sorted({obj.image_path for obj in objects})
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(f"'{path}'" for path in missing[:3])
+        raise UserError(
+            f"{len(missing)} of the {len(paths)} images of split '{split}' are missing from '{image_dir}' "
+            f"(e.g. {shown}). Complete the image download (see data/README.md) or point data.image_dir at them."
+        )
+
+
+# --- dataset ----------------------------------------------------------------------------------
+class ReferringSegmentationDataset(Dataset):
+    """The samples of one split: (object, sentence) pairs, or objects whose sentence is drawn at each access."""
+
+    def __init__(self, objects: Sequence[ReferredObject], *, prompt_template: str, image_size: int,
+                 mask_size: int | None, random_sentence: bool, sentence_field: str = "sent") -> None:
+        """`mask_size=None` keeps masks at the original image size."""
+        self.objects = list(objects)
+        self.samples: list[tuple[int, int | None]] = (
+            [(i, None) for i in range(len(self.objects))] if random_sentence
+            else [(i, j) for i, obj in enumerate(self.objects) for j in range(len(obj.sentences))]
+        )
+        self.prompt_template = prompt_template
+        self.image_size = image_size
+        self.mask_size = mask_size
+        self.sentence_field = sentence_field
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        object_index, sentence_index = self.samples[index]
+        obj = self.objects[object_index]
+        if sentence_index is None:
+            # torch's generator: DataLoader reseeds it in every worker and every epoch
+            sentence_index = int(torch.randint(len(obj.sentences), ()).item())
+        sentence = obj.sentences[sentence_index]
+        mask = decode_mask(obj.mask)
+        return {
+            "prompt": fill_template(self.prompt_template, getattr(sentence, self.sentence_field)),
+            "index": index,
+            "image": to_square_tensor(load_rgb(obj.image_path), self.image_size),
+            "mask": torch.from_numpy(mask) if self.mask_size is None else resize_mask(mask, self.mask_size),
+            "ref_id": obj.ref_id,
+            "sent_id": sentence.sent_id,
+            "image_path": obj.image_path,
+            "sentence": sentence.raw,
+        }
+
+
+def fill_template(template: str, description: str) -> str:
+    """Plain substitution, not str.format: other braces in the template or the sentence stay as they are."""
+    return template.replace("{description}", description)
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    """Settings typed as plain strings (so configs stay simple) are checked here, naming the choices."""
+    choices = list(choices)
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}; got '{value}'.")
+
+
+# --- data module ------------------------------------------------------------------------------
+class RefCOCODataModule(MiTDataModule):
+    """Referring segmentation on RefCOCO / RefCOCO+ / RefCOCOg (or RefCLEF) in the refer layout.
+
+    Items: ``prompt``, ``index``, ``image`` uint8 (3, S, S), ``mask`` uint8 (mask_size, mask_size) —
+    or (H, W) for evaluation with ``eval_at_original_size`` —, ``ref_id``, ``sent_id``,
+    ``image_path`` (the original image, for overlays) and ``sentence`` (the raw sentence).
+
+    Args:
+        root: Folder holding ``images/`` and one folder per dataset; ``${VAR:-default}`` is expanded.
+        dataset: refcoco, refcoco+, refcocog or refclef.
+        split_by: Split scheme, i.e. which ``refs(<split_by>).p`` is read; None takes the dataset's
+            usual one (unc for refcoco/refcoco+/refclef, umd for refcocog). google is also available
+            for refcoco and refcocog, berkeley for refclef.
+        image_dir: Image folder; None finds ``<root>/images/train2014`` or ``<root>/COCOtrain2014``
+            (``<root>/images/saiapr_tc-12`` for refclef).
+        train_split: Split trained on.
+        val_splits: Splits validated on, one dataloader (and one set of metrics) each.
+        test_splits: Splits tested on.
+        predict_splits: Splits predicted on; None takes the test splits.
+        image_size: Side of the square image given to the vision tower; None asks the model.
+        mask_size: Side of the square target masks (nearest-neighbour resized, as in the authors'
+            release), for training and, by default, for evaluation.
+        eval_at_original_size: Evaluate on masks at each image's original size (the stricter option;
+            the model upsamples its logits to each mask) instead of ``mask_size``.
+        train_sentences: ``one_per_ref``: a training epoch visits each ref once, with a random one of
+            its sentences; ``all``: every sentence is a training sample. Evaluation always uses every
+            sentence.
+        sentence_field: Which text fills the prompt: ``sent`` (lower-cased and tokenised by the dataset
+            authors, as models in the literature read it) or ``raw`` (as typed by the annotator).
+        prompt_template: The LLM prompt; ``{description}`` is replaced by the sentence.
+        batch_size: Training batch size per device.
+        eval_batch_size: Evaluation batch size per device; None takes ``batch_size``.
+        num_workers: Dataloader worker processes.
+        pin_memory: Pin host memory when a GPU is used.
+    """
+
+    layout_hint = "See data/README.md (RefCOCO section) for the expected layout."
+    #: False where the data is generated by `prepare_data`, so it cannot be checked at construction
+    files_exist_at_init: bool = True
+
+    def __init__(
+        self,
+        root: str = "${MIT_DATA_ROOT:-data}",
+        dataset: str = "refcoco",
+        split_by: str | None = None,
+        image_dir: str | None = None,
+        train_split: str = "train",
+        val_splits: Sequence[str] = ("val",),
+        test_splits: Sequence[str] = ("val", "testA", "testB"),
+        predict_splits: Sequence[str] | None = None,
+        image_size: int | None = None,
+        mask_size: int = 480,
+        eval_at_original_size: bool = False,
+        train_sentences: str = "one_per_ref",
+        sentence_field: str = "sent",
+        prompt_template: str = PAPER_TEMPLATE,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+    ) -> None:
+        check_choice("data.dataset", dataset, COLLECTIONS)
+        split_by = split_by or COLLECTIONS[dataset].split_bys[0]
+        check_choice(f"data.split_by for {dataset}", split_by, COLLECTIONS[dataset].split_bys)
+        check_choice("data.train_sentences", train_sentences, TRAIN_SENTENCES)
+        check_choice("data.sentence_field", sentence_field, SENTENCE_FIELDS)
+        if "{description}" not in prompt_template:
+            raise UserError("data.prompt_template must contain '{description}' where the sentence goes; "
+                            f"got '{prompt_template}'.")
+        for name, size in (("image_size", image_size), ("mask_size", mask_size)):
+            if size is not None and size < 1:
+                raise UserError(f"data.{name} must be a positive number of pixels, got {size}.")
+        super().__init__(
+            root, train_split=train_split, val_splits=val_splits, test_splits=test_splits,
+            predict_splits=predict_splits, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, pin_memory=pin_memory, check_root=self.files_exist_at_init,
+        )
+        self.dataset = dataset
+        self.split_by = split_by
+        self.image_dir = image_dir
+        self.image_size = image_size
+        self.mask_size = mask_size
+        self.eval_at_original_size = eval_at_original_size
+        self.train_sentences = train_sentences
+        self.sentence_field = sentence_field
+        self.prompt_template = prompt_template
+        self.files: ReferFiles | None = self._locate_files() if self.files_exist_at_init else None
+
+    def _locate_files(self) -> ReferFiles:
+        """Check the layout before anything heavy loads, naming exactly which file is missing where."""
+        root = existing_path(self.root_setting, "Data root", self.layout_hint, is_dir=True)
+        folder = root / self.dataset
+        hint = f"Put the {self.dataset} annotations (instances.json, refs(...).p) in '{folder}'. {self.layout_hint}"
+        instances = existing_path(folder / "instances.json", f"{self.dataset} annotations", hint, is_dir=False)
+        refs = folder / f"refs({self.split_by}).p"
+        refs = existing_path(refs, f"{self.dataset} refs for split_by={self.split_by}", hint, is_dir=False)
+        return ReferFiles(instances=instances, refs=refs, image_dir=self._find_image_dir(root))
+
+    def _find_image_dir(self, root: Path) -> Path:
+        collection = COLLECTIONS[self.dataset]
+        if self.image_dir is not None:
+            what = f"{collection.image_set} image folder (data.image_dir)"
+            hint = "Point data.image_dir at the folder holding the files named in instances.json."
+            return existing_path(self.image_dir, what, hint, is_dir=True)
+        candidates = [root / name for name in collection.image_dirs]
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate
+        expected = " or ".join(f"'{candidate}'" for candidate in candidates)
+        raise UserError(f"{collection.image_set} image folder not found: expected {expected}. "
+                        f"Download the images there, or set data.image_dir. {self.layout_hint}")
+
+    def _build_datasets(self, splits: list[str]) -> dict[str, Dataset]:
+        self.files = self.files or self._locate_files()
+        image_size = self.image_size or self.model_image_size()
+        images, annotations = load_instances(self.files.instances)
+        grouped = refs_by_split(load_refs(self.files.refs), splits, self.files.refs)
+        datasets: dict[str, Dataset] = {}
+        for split in splits:
+            objects = referred_objects(grouped[split], images, annotations, self.files.image_dir, self.files.refs)
+            check_images_exist(objects, split, self.files.image_dir)
+            training = split == self.train_split
+            datasets[split] = ReferringSegmentationDataset(
+                objects,
+                prompt_template=self.prompt_template,
+                image_size=image_size,
+                mask_size=None if self.eval_at_original_size and not training else self.mask_size,
+                random_sentence=training and self.train_sentences == "one_per_ref",
+                sentence_field=self.sentence_field,
+            )
+            log.info("%s %s/%s: %d refs, %d samples",
+                     self.dataset, self.split_by, split, len(objects), len(datasets[split]))
+        return datasets
