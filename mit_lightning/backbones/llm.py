@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mit_lightning.backbones.tiny import TINY_LLM_PRESETS, seeded_init, tiny_llm_config, tiny_tokenizer
+from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
 from mit_lightning.errors import UserError, expand_env
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -31,13 +31,14 @@ class LLMConfig:
     """Which LLM to load and how.
 
     Args:
-        path: local HuggingFace model folder (config.json, weights, tokenizer files), or a tiny
-            preset built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2.
+        path: local HuggingFace model folder (config.json, weights, tokenizer files), or a preset
+            built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2 (tests, demo),
+            random-llama-2-7b, random-llama-2-13b (benchmarks).
         dtype: dtype of the frozen weights (bfloat16 in the paper).
         attention: the attention kernel the infused layers keep using: sdpa, flash_attention_2, eager, ...
         padding_side: where the tokenizer pads; the last-token feature is correct for both.
         max_text_tokens: prompts longer than this are cut from the left (the task suffix is kept).
-        seed: seed of a tiny preset's random weights (frozen weights are rebuilt, not saved).
+        seed: seed of a preset's random weights (frozen weights are rebuilt, not saved).
     """
 
     path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
@@ -48,8 +49,8 @@ class LLMConfig:
     seed: int = 0
 
     @property
-    def is_tiny(self) -> bool:
-        return self.path in TINY_LLM_PRESETS
+    def is_preset(self) -> bool:
+        return self.path in LLM_PRESETS
 
     def local_path(self) -> Path:
         """The model folder, checked: a clear message instead of a hub lookup or a traceback."""
@@ -66,8 +67,8 @@ class LLMConfig:
 
     def hf_config(self):
         """The model's configuration, read without loading weights (to size the trainable parts)."""
-        if self.is_tiny:
-            return tiny_llm_config(self.path, len(tiny_tokenizer()))
+        if self.is_preset:
+            return preset_llm_config(self.path, len(tiny_tokenizer()))
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(self.local_path(), local_files_only=True)
@@ -120,7 +121,7 @@ class FrozenLLM(nn.Module):
         _check_structure(self.model)
 
     def _load_tokenizer(self):
-        if self.config.is_tiny:
+        if self.config.is_preset:
             tokenizer = tiny_tokenizer()
         else:
             from transformers import AutoTokenizer
@@ -135,7 +136,7 @@ class FrozenLLM(nn.Module):
         from transformers import AutoModel
 
         dtype = torch_dtype(self.config.dtype)
-        if self.config.is_tiny:
+        if self.config.is_preset:
             with seeded_init(self.config.seed):
                 return AutoModel.from_config(
                     self.config.hf_config(), dtype=dtype, attn_implementation=self.config.attention

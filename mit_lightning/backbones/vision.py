@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mit_lightning.backbones.llm import torch_dtype
-from mit_lightning.backbones.tiny import TINY_CLIP, seeded_init
+from mit_lightning.backbones.presets import TINY_CLIP, seeded_init
 from mit_lightning.errors import UserError, expand_env
 
 

@@ -1,6 +1,11 @@
-"""Tiny, randomly initialised backbones built locally: tests and the demo run on a CPU with them.
+"""Randomly initialised backbones built locally, with no download.
 
-Frozen weights are never saved in checkpoints, so a tiny backbone must be rebuilt bit-for-bit
+- `tiny*`: 4-layer, 64-wide decoders (LLaMA, Mistral, Qwen2) and a 4-block CLIP: tests and the
+  demo run on a CPU with them.
+- `random-llama-2-7b`, `random-llama-2-13b`: the paper's shapes with random weights, for
+  benchmarks of speed and memory on a GPU.
+
+Frozen weights are never saved in checkpoints, so a random backbone must be rebuilt bit-for-bit
 identical in every process: everything here is derived from a seed with a private generator.
 """
 
@@ -32,6 +37,12 @@ _CORPUS_LINES = [
 ]
 
 TINY_LLM_PRESETS = ("tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2")
+# LLaMA-2 shapes (hidden, FFN, layers, heads); key/value heads equal heads in LLaMA-2 7B/13B
+PAPER_SHAPE_PRESETS = {
+    "random-llama-2-7b": (4096, 11008, 32, 32),
+    "random-llama-2-13b": (5120, 13824, 40, 40),
+}
+LLM_PRESETS = TINY_LLM_PRESETS + tuple(PAPER_SHAPE_PRESETS)
 
 
 def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -55,9 +66,17 @@ def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llm_config(preset: str, vocab_size: int):
-    """A 4-layer, 64-wide decoder of the requested family, with grouped-query attention."""
+def preset_llm_config(preset: str, vocab_size: int):
+    """The HF config of a preset: a tiny decoder, or a LLaMA-2 shape with the tiny vocabulary."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if preset in PAPER_SHAPE_PRESETS:
+        hidden, ffn, layers, heads = PAPER_SHAPE_PRESETS[preset]
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
 
     common = dict(
         vocab_size=vocab_size,
@@ -72,6 +91,7 @@ def tiny_llm_config(preset: str, vocab_size: int):
         bos_token_id=1,
         eos_token_id=2,
     )
+    # a 4-layer, 64-wide decoder of the requested family, with grouped-query attention
     family = preset.removeprefix("tiny").removeprefix("-") or "llama"
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     return config_class(**common)
@@ -79,8 +99,8 @@ def tiny_llm_config(preset: str, vocab_size: int):
 
 @contextmanager
 def seeded_init(seed: int) -> Iterator[None]:
-    """A fixed RNG state for building a module, leaving the caller's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
+    """A fixed RNG state (CPU and GPU) for building a module, leaving the caller's RNG untouched."""
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         yield
 
