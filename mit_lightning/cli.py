@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +19,13 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+# Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+
 from mit_lightning.data.base import MiTDataModule
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, recording_user_errors
 from mit_lightning.module import MiTModule
 
 #: the parts of a run's config that say how to rebuild and evaluate its model
@@ -48,6 +54,15 @@ class MiTCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def instantiate_classes(self) -> None:
+        with recording_user_errors() as user_errors:
+            try:
+                super().instantiate_classes()
+            except ValueError:
+                if user_errors:
+                    raise user_errors[0] from None
+                raise
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(

@@ -1,0 +1,142 @@
+"""The `mit` command end to end on the tiny backbones and a small synthetic refer dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mit_lightning.cli import cli_main, main
+from mit_lightning.module import is_trainable_key
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+def small_run(tmp_path: Path, *extra: str) -> list[str]:
+    """The demo config shrunk to seconds: a few images, one epoch, no workers."""
+    return [
+        "--config", DEMO,
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.root", str(tmp_path / "data"),
+        "--data.train_images", "16",
+        "--data.val_images", "4",
+        "--data.test_images", "4",
+        "--data.batch_size", "8",
+        "--data.num_workers", "0",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One fit + test run shared by the round-trip tests."""
+    tmp_path = tmp_path_factory.mktemp("fit")
+    cli = cli_main(["fit", *small_run(tmp_path, "--test_after_fit", "true")])
+    checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path)
+    metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
+    return tmp_path, cli, checkpoint, metrics
+
+
+def test_fit_writes_config_checkpoint_and_tensorboard_curves(trained):
+    tmp_path, cli, checkpoint, metrics = trained
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert checkpoint.is_file() and (checkpoint.parent / "last.ckpt").is_file()
+    assert {"test/test/oIoU", "test/test/mIoU", "test/test/prec@0.5", "test/test/oIoU_whole_image"} <= set(metrics)
+
+
+def test_checkpoint_holds_exactly_the_trainable_weights_and_the_run_config(trained):
+    _, cli, checkpoint, _ = trained
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    trainable = {name for name, parameter in cli.model.named_parameters() if parameter.requires_grad}
+    assert set(saved["state_dict"]) == trainable
+    assert all(is_trainable_key(name) for name in saved["state_dict"])
+    assert not any(name.startswith(("llm.", "vision.")) for name in saved["state_dict"])
+    assert saved["mit_config"]["model"]["llm"]["path"] == "tiny"
+    assert saved["mit_config"]["data"]["class_path"].endswith("SyntheticRefCOCODataModule")
+
+
+def test_mit_test_with_only_a_checkpoint_restores_the_run_exactly(trained):
+    _, fitted, checkpoint, fit_metrics = trained
+    cli = cli_main(["test", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    restored = cli.model.state_dict()
+    for name, value in saved.items():
+        torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
+    metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
+    assert metrics == pytest.approx(fit_metrics, abs=1e-6)
+    assert Path(cli.trainer.log_dir) != Path(fitted.trainer.log_dir)  # a new run directory, nothing overwritten
+
+
+def test_overrides_after_the_checkpoint_still_apply(trained):
+    _, _, checkpoint, _ = trained
+    cli = cli_main(
+        ["test", "--ckpt_path", str(checkpoint), "--data.test_splits", "[val]", "--trainer.enable_progress_bar", "false"]
+    )
+    metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
+    assert "test/val/oIoU" in metrics and "test/test/oIoU" not in metrics
+
+
+def test_a_checkpoint_of_another_model_is_refused_clearly(trained, capsys, monkeypatch):
+    _, _, checkpoint, _ = trained
+    monkeypatch.setattr(sys, "argv", ["mit", "test", "--ckpt_path", str(checkpoint), "--model.head.init_args.width", "32"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "does not fit this model" in capsys.readouterr().err
+
+
+def run_main(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["mit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error
+
+
+def test_missing_data_root_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    error = run_main(
+        monkeypatch, capsys, "fit", "--config", str(Path(DEMO).parent / "refcoco.yaml"),
+        "--model.llm.path", "tiny", "--data.root", str(tmp_path / "nowhere"),
+    )
+    assert "Data root not found" in error and "nowhere" in error and "data/README.md" in error
+
+
+def test_missing_llm_weights_are_one_clear_message(monkeypatch, capsys, tmp_path):
+    error = run_main(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.llm.path", str(tmp_path / "llama")))
+    assert "LLM weights not found" in error and str(tmp_path / "llama") in error
+
+
+def test_missing_clip_weights_are_one_clear_message(monkeypatch, capsys, tmp_path):
+    error = run_main(
+        monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.vision.name", "ViT-B-16",
+                                               "--model.vision.weights", str(tmp_path / "clip.pt")),
+    )
+    assert "CLIP weights not found" in error and "clip.pt" in error
+
+
+def test_bad_layer_index_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    error = run_main(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.fusion.init_args.layers", "[2, 9]"))
+    assert "[9]" in error and "outside the LLM's 4 layers" in error
+
+
+def test_missing_checkpoint_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    error = run_main(monkeypatch, capsys, "test", "--ckpt_path", str(tmp_path / "missing.ckpt"))
+    assert "Checkpoint not found" in error
+
+
+def test_print_config_shows_the_whole_run(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *small_run(tmp_path), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "class_path: mit_lightning.fusion.MiT" in printed and "lr: 0.001" in printed
