@@ -140,6 +140,19 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
 
 
+class _ParseOnly(MiTCLI):
+    def _set_seed(self) -> None:
+        """Parsing only: leave the global RNG alone."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built: the caller only wants the parsed config."""
+
+
+def parse_run_config(args: Sequence[str]):
+    """The config a `mit fit` with these arguments would run, without building anything."""
+    return _ParseOnly(args=list(args), run=False).config
+
+
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     """Entry point used by the `mit` script and by tests (which pass `args`)."""
     args = list(sys.argv[1:] if args is None else args)

@@ -49,8 +49,10 @@ class LLMConfig:
     seed: int = 0
 
     @property
-    def is_preset(self) -> bool:
-        return self.path in LLM_PRESETS
+    def preset(self) -> str | None:
+        """The preset name, when `path` (after ${VAR} expansion) names one."""
+        name = expand_env(self.path)
+        return name if name in LLM_PRESETS else None
 
     def local_path(self) -> Path:
         """The model folder, checked: a clear message instead of a hub lookup or a traceback."""
@@ -67,8 +69,8 @@ class LLMConfig:
 
     def hf_config(self):
         """The model's configuration, read without loading weights (to size the trainable parts)."""
-        if self.is_preset:
-            return preset_llm_config(self.path, len(tiny_tokenizer()))
+        if self.preset:
+            return preset_llm_config(self.preset, len(tiny_tokenizer()))
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(self.local_path(), local_files_only=True)
@@ -121,7 +123,7 @@ class FrozenLLM(nn.Module):
         _check_structure(self.model)
 
     def _load_tokenizer(self):
-        if self.config.is_preset:
+        if self.config.preset:
             tokenizer = tiny_tokenizer()
         else:
             from transformers import AutoTokenizer
@@ -136,7 +138,7 @@ class FrozenLLM(nn.Module):
         from transformers import AutoModel
 
         dtype = torch_dtype(self.config.dtype)
-        if self.config.is_preset:
+        if self.config.preset:
             with seeded_init(self.config.seed):
                 return AutoModel.from_config(
                     self.config.hf_config(), dtype=dtype, attn_implementation=self.config.attention
