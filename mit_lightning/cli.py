@@ -74,10 +74,24 @@ class MiTCLI(LightningCLI):
                 },
             }
         )
+        if any(getattr(action, "dest", None) == "return_predictions" for action in parser._actions):
+            # predictions are written batch by batch; keeping them all would hold a whole split in memory
+            parser.set_defaults({"return_predictions": False})
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
             help="After fit, test the best checkpoint (or the last one without a monitored metric).",
         )
+
+    def before_predict(self) -> None:
+        """Without a writer of the user's, predictions go to <run dir>/predictions (see callbacks.py)."""
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from mit_lightning.callbacks import PredictionWriter
+
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            output = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions"
+            self.trainer.callbacks.append(PredictionWriter(str(output)))
+            print(f"Predictions will be written to {output}")
 
     def after_fit(self) -> None:
         if not self.config_init[self.subcommand].get("test_after_fit"):

@@ -140,3 +140,20 @@ def test_print_config_shows_the_whole_run(capsys, tmp_path):
         cli_main(["fit", *small_run(tmp_path), "--print_config"])
     printed = capsys.readouterr().out
     assert "class_path: mit_lightning.fusion.MiT" in printed and "lr: 0.001" in printed
+
+
+def test_predict_writes_one_row_and_one_overlay_per_sample(trained):
+    _, _, checkpoint, _ = trained
+    cli = cli_main(["predict", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    output = Path(cli.trainer.log_dir) / "predictions"
+    rows = [json.loads(line) for line in (output / "predictions.rank0.jsonl").read_text().splitlines()]
+    expected = len(cli.datamodule.datasets["test"])
+    assert sorted(row["index"] for row in rows) == list(range(expected))
+    from PIL import Image
+
+    for row in rows[:3]:
+        image = Image.open(row["image_path"])
+        mask = Image.open(row["mask"])
+        assert mask.size == image.size  # drawn at the original image size
+        assert Image.open(row["overlay"]).size == image.size
+        assert row["sentence"]

@@ -155,9 +155,10 @@ class ReferringSegmentation(TaskHead):
         metrics.update(self.masks(output, batch["mask"]), batch["mask"], batch["index"])
 
     def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+        """Foreground probability at decoder resolution as uint8 (0–255): compact on the host."""
         probability = self.foreground_probability(output)
         return {
-            "probability": probability.cpu(),
+            "mask_probability": (probability * 255).round().to(torch.uint8).cpu(),
             "image_path": batch.get("image_path"),
             "sentence": batch.get("sentence"),
             "index": batch["index"].cpu(),
