@@ -90,6 +90,13 @@ class LLMShape:
     @classmethod
     def from_hf_config(cls, config) -> "LLMShape":
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        missing = [name for name in required if getattr(text, name, None) is None]
+        if missing:
+            raise UserError(
+                f"{type(config).__name__} does not describe a LLaMA-family decoder MiT can infuse (no {', '.join(missing)}). "
+                "Use a LLaMA, Mistral, Qwen2 or similar decoder-only model."
+            )
         heads = text.num_attention_heads
         return cls(
             hidden_size=text.hidden_size,

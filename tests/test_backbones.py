@@ -1,0 +1,126 @@
+"""The real loading code of the frozen backbones, exercised with small models saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, last_token
+from mit_lightning.backbones.presets import TINY_CLIP, tiny_tokenizer
+from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig
+from mit_lightning.errors import UserError
+
+PROMPTS = ["the red circle", "a longer prompt about the blue square"]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny LLaMA saved like a HuggingFace checkpoint, with a tokenizer that has no pad token."""
+    folder = tmp_path_factory.mktemp("llama")
+    preset = FrozenLLM(LLMConfig(path="tiny", dtype="float32"))
+    preset.model.save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    return folder, preset
+
+
+def test_a_local_huggingface_folder_loads_frozen_in_the_requested_dtype(llama_folder):
+    folder, preset = llama_folder
+    llm = FrozenLLM(LLMConfig(path=str(folder), dtype="bfloat16"))
+    assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in llm.parameters())
+    assert not llm.model.training
+    llm.train()
+    assert not llm.model.training  # stays in eval mode when Lightning switches to training
+    assert llm.tokenizer.pad_token is not None  # set sensibly when the tokenizer has none
+    assert llm.shape == preset.shape
+
+
+def test_the_loaded_model_computes_what_the_saved_one_did(llama_folder):
+    folder, preset = llama_folder
+    llm = FrozenLLM(LLMConfig(path=str(folder), dtype="float32"))
+    ids, mask = llm.tokenize(PROMPTS, "cpu")
+    expected_ids, expected_mask = preset.tokenize(PROMPTS, "cpu")
+    torch.testing.assert_close(ids[mask.bool()], expected_ids[expected_mask.bool()])
+    torch.testing.assert_close(
+        last_token(llm(mask, input_ids=ids), mask), last_token(preset(expected_mask, input_ids=expected_ids), expected_mask)
+    )
+
+
+def test_the_llm_path_may_come_from_the_environment(llama_folder, monkeypatch):
+    folder, _ = llama_folder
+    monkeypatch.setenv("MIT_LLM_PATH", str(folder))
+    assert LLMConfig(path="${MIT_LLM_PATH:-nowhere}").local_path() == folder
+    monkeypatch.delenv("MIT_LLM_PATH")
+    with pytest.raises(UserError, match="LLM weights not found.*nowhere"):
+        LLMConfig(path="${MIT_LLM_PATH:-nowhere}").hf_config()
+
+
+def test_a_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        LLMConfig(path=str(tmp_path)).hf_config()
+
+
+def test_a_model_that_is_not_a_llama_style_decoder_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="LLaMA-family decoder MiT can infuse"):
+        FrozenLLM(LLMConfig(path=str(tmp_path), dtype="float32"))
+
+
+def test_last_token_is_right_for_left_and_right_padding():
+    hidden = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert last_token(hidden, right).flatten().tolist() == [1.0, 7.0]
+    assert last_token(hidden, left).flatten().tolist() == [3.0, 7.0]
+
+
+def test_presets_are_rebuilt_identically():
+    first, second = FrozenLLM(LLMConfig(path="tiny", dtype="float32")), FrozenLLM(LLMConfig(path="tiny", dtype="float32"))
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    other_seed = FrozenLLM(LLMConfig(path="tiny", dtype="float32", seed=1))
+    assert not torch.equal(other_seed.model.embed_tokens.weight, first.model.embed_tokens.weight)
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    """A small open_clip architecture registered by name, and its weights saved as a state dict."""
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "mit-test-vit.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "mit-test-vit.json")
+    torch.manual_seed(3)
+    model = open_clip.create_model("mit-test-vit")
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return folder / "weights.pt", model
+
+
+def test_clip_weights_load_from_a_local_file(clip_checkpoint):
+    path, saved = clip_checkpoint
+    clip = FrozenCLIP(VisionConfig(name="mit-test-vit", weights=str(path), dtype="float32", quick_gelu=False))
+    assert all(not p.requires_grad for p in clip.parameters())
+    for name, value in saved.visual.state_dict().items():
+        torch.testing.assert_close(clip.visual.state_dict()[name], value)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    output = clip(images, blocks=[4, 2])
+    assert output.embedding.shape == (2, TINY_CLIP["embed_dim"])
+    assert output.tokens[2].shape == (2, 64, TINY_CLIP["vision_cfg"]["width"])  # 8×8 patches, class token dropped
+    pixels = clip.normalize(images)
+    torch.testing.assert_close(output.embedding, saved.visual(pixels))
+
+
+def test_vision_errors_are_clear(tiny_clip, tmp_path):
+    with pytest.raises(UserError, match="CLIP weights not found"):
+        VisionConfig(name="ViT-B-16", weights=str(tmp_path / "missing.pt")).weights_path()
+    with pytest.raises(UserError, match="Unknown open_clip model"):
+        VisionConfig(name="ViT-Nope").architecture()
+    with pytest.raises(UserError, match="outside"):
+        tiny_clip(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), blocks=[5])
+    with pytest.raises(UserError, match="expects 64"):
+        tiny_clip(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
