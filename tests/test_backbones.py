@@ -124,3 +124,9 @@ def test_vision_errors_are_clear(tiny_clip, tmp_path):
         tiny_clip(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), blocks=[5])
     with pytest.raises(UserError, match="expects 64"):
         tiny_clip(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_weights_of_another_architecture_are_a_clear_error(clip_checkpoint):
+    path, _ = clip_checkpoint
+    with pytest.raises(UserError, match="do not fit.*ViT-B-16"):
+        FrozenCLIP(VisionConfig(name="ViT-B-16", weights=str(path), dtype="float32"))

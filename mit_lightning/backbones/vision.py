@@ -119,6 +119,7 @@ class FrozenCLIP(nn.Module):
         self.config = config
         self.shape = VisionShape.from_architecture(config.architecture())
         self.visual = self._load().to(torch_dtype(config.dtype))
+        self._check_architecture()
         self.visual.requires_grad_(False)
         self.visual.eval()
         mean, std = self._mean_std()
@@ -133,12 +134,36 @@ class FrozenCLIP(nn.Module):
             with seeded_init(self.config.seed):
                 return open_clip.CLIP(**TINY_CLIP).visual
         if path is not None and _is_torchscript_archive(path):
-            return open_clip.load_openai_model(str(path), device="cpu", jit=False).visual
+            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu").visual
         with seeded_init(self.config.seed):
-            model = open_clip.create_model(
-                self.config.name, pretrained=str(path) if path else None, force_quick_gelu=self.config.quick_gelu
-            )
+            try:
+                model = open_clip.create_model(
+                    self.config.name, pretrained=str(path) if path else None, force_quick_gelu=self.config.quick_gelu
+                )
+            except (RuntimeError, AssertionError, KeyError, ValueError) as error:
+                if path is None:
+                    raise
+                raise UserError(
+                    f"The CLIP weights '{path}' do not fit the architecture model.vision.name='{self.config.name}'. "
+                    f"Set the name of the architecture they were trained with ({str(error).splitlines()[0] if str(error) else type(error).__name__})."
+                ) from error
         return model.visual
+
+    def _check_architecture(self) -> None:
+        """Weights built another architecture than `name` describes (e.g. an OpenAI archive of another size)."""
+        visual = self.visual
+        found = VisionShape(
+            embed_dim=visual.proj.shape[1] if getattr(visual, "proj", None) is not None else self.shape.embed_dim,
+            width=visual.transformer.width,
+            depth=len(visual.transformer.resblocks),
+            image_size=visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size,
+            patch_size=visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size,
+        )
+        if found != self.shape:
+            raise UserError(
+                f"The CLIP weights '{self.config.weights}' are a {found} tower, but model.vision.name "
+                f"'{self.config.name}' is {self.shape}. Set model.vision.name to the weights' architecture."
+            )
 
     def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
