@@ -130,3 +130,14 @@ def test_weights_of_another_architecture_are_a_clear_error(clip_checkpoint):
     path, _ = clip_checkpoint
     with pytest.raises(UserError, match="do not fit.*ViT-B-16"):
         FrozenCLIP(VisionConfig(name="ViT-B-16", weights=str(path), dtype="float32"))
+
+
+def test_a_loaded_tower_of_another_shape_than_its_name_is_refused(monkeypatch):
+    """E.g. an OpenAI TorchScript archive of ViT-B/16 given with name ViT-L-14-336."""
+    from open_clip.model import CLIP
+
+    other = CLIP(embed_dim=32, vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=2),
+                 text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)).visual
+    monkeypatch.setattr(FrozenCLIP, "_load", lambda self: other)
+    with pytest.raises(UserError, match="Set model.vision.name"):
+        FrozenCLIP(VisionConfig(name="tiny", dtype="float32"))
