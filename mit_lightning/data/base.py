@@ -35,6 +35,22 @@ class DataSpec:
     eval_splits: dict[str, list[str]] = field(default_factory=dict)  # "validate"/"test"/"predict" -> split names
 
 
+#: the placeholder of the sample's text in classification and sentiment prompt templates
+TEXT_PLACEHOLDER = "{text}"
+
+
+def check_template(template: str, placeholder: str) -> str:
+    """Fail at construction, not in a worker, when a prompt template has nowhere to put the text."""
+    if placeholder not in template:
+        raise UserError(f"data.prompt_template must contain {placeholder} where the sample's text goes; got {template!r}.")
+    return template
+
+
+def fill_template(template: str, placeholder: str, text: str) -> str:
+    """Plain substitution, not str.format: other braces in the template or the text stay as they are."""
+    return template.replace(placeholder, text)
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack what has one shape, keep lists of the rest (strings, masks at their original sizes)."""
     batch: dict[str, Any] = {}

@@ -26,14 +26,12 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import DataSpec, MiTDataModule, collate
+from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, collate, fill_template
 from mit_lightning.data.images import load_rgb, to_square_tensor
 from mit_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: the placeholder a prompt template must contain; the sample's text replaces it
-TEXT_PLACEHOLDER = "{text}"
 #: how many missing paths a log line names before it only counts
 PATHS_SHOWN = 3
 
@@ -51,14 +49,6 @@ class UnreadableImage(NamedTuple):
     """Returned by the dataset in place of a sample whose image could not be decoded."""
 
     path: str
-
-
-def check_prompt_template(template: str) -> str:
-    """Fail at construction, not in a worker, when the template has nowhere to put the text."""
-    if TEXT_PLACEHOLDER not in template:
-        raise UserError(f"data.prompt_template must contain {TEXT_PLACEHOLDER} where the sample's text goes; "
-                        f"got {template!r}.")
-    return template
 
 
 class ImageTextDataset(Dataset):
@@ -81,7 +71,7 @@ class ImageTextDataset(Dataset):
             return UnreadableImage(record.image_path)
         return {
             # plain substitution, not str.format: other braces in the template or the text stay as they are
-            "prompt": self.prompt_template.replace(TEXT_PLACEHOLDER, record.text),
+            "prompt": fill_template(self.prompt_template, TEXT_PLACEHOLDER, record.text),
             "index": index,
             "image": to_square_tensor(image, self.image_size),
             "label": record.label,
@@ -137,7 +127,7 @@ class ImageTextClassificationDataModule(MiTDataModule):
         super().__init__(root, train_split=train_split, val_splits=val_splits, test_splits=test_splits,
                          predict_splits=predict_splits, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, pin_memory=pin_memory)
-        self.prompt_template = check_prompt_template(prompt_template)
+        self.prompt_template = check_template(prompt_template, TEXT_PLACEHOLDER)
         if image_size is not None and image_size < 1:
             raise UserError(f"data.image_size must be a positive number of pixels, got {image_size}.")
         self.image_size = image_size

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import DataSpec, MiTDataModule
+from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, fill_template
 from mit_lightning.errors import UserError, existing_path, expand_env
 from mit_lightning.safe_pickle import load_data_pickle
 
@@ -52,7 +52,7 @@ class MMSASplit(Dataset):
 
     def __init__(self, arrays: _SplitArrays, prompt_template: str) -> None:
         self.arrays = arrays
-        self.prompts = [prompt_template.replace("{text}", text.strip()) for text in arrays.texts]
+        self.prompts = [fill_template(prompt_template, TEXT_PLACEHOLDER, text.strip()) for text in arrays.texts]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -145,9 +145,7 @@ class MMSADataModule(MiTDataModule):
                 f"Unknown data.modalities {unknown}; choose among {', '.join(MODALITY_KEYS)} "
                 "(MMSA's 'vision' features are served as 'facial')."
             )
-        if "{text}" not in prompt_template:
-            raise UserError(f"data.prompt_template must contain {{text}} where the sample's text goes; "
-                            f"got {prompt_template!r}.")
+        check_template(prompt_template, TEXT_PLACEHOLDER)
         if max_sequence_length is not None and max_sequence_length < 1:
             raise UserError(f"data.max_sequence_length must be at least 1 (or unset), got {max_sequence_length}.")
         self.aligned = aligned

@@ -23,7 +23,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import MiTDataModule
+from mit_lightning.data.base import MiTDataModule, check_template, fill_template
 from mit_lightning.data.images import load_rgb, resize_mask, to_square_tensor
 from mit_lightning.errors import UserError, existing_path
 from mit_lightning.safe_pickle import load_data_pickle
@@ -31,6 +31,7 @@ from mit_lightning.safe_pickle import load_data_pickle
 log = logging.getLogger(__name__)
 
 #: the paper's segmentation prompt (Figure 3)
+DESCRIPTION = "{description}"
 PAPER_TEMPLATE = "Segment the {description} according to the text. #Segmentation:"
 TRAIN_SENTENCES = ("one_per_ref", "all")
 SENTENCE_FIELDS = ("sent", "raw")
@@ -207,7 +208,7 @@ class ReferringSegmentationDataset(Dataset):
         sentence = obj.sentences[sentence_index]
         mask = decode_mask(obj.mask)
         return {
-            "prompt": fill_template(self.prompt_template, getattr(sentence, self.sentence_field)),
+            "prompt": fill_template(self.prompt_template, DESCRIPTION, getattr(sentence, self.sentence_field)),
             "index": index,
             "image": to_square_tensor(load_rgb(obj.image_path), self.image_size),
             "mask": torch.from_numpy(mask) if self.mask_size is None else resize_mask(mask, self.mask_size),
@@ -216,11 +217,6 @@ class ReferringSegmentationDataset(Dataset):
             "image_path": obj.image_path,
             "sentence": sentence.raw,
         }
-
-
-def fill_template(template: str, description: str) -> str:
-    """Plain substitution, not str.format: other braces in the template or the sentence stay as they are."""
-    return template.replace("{description}", description)
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -297,9 +293,7 @@ class RefCOCODataModule(MiTDataModule):
         check_choice(f"data.split_by for {dataset}", split_by, COLLECTIONS[dataset].split_bys)
         check_choice("data.train_sentences", train_sentences, TRAIN_SENTENCES)
         check_choice("data.sentence_field", sentence_field, SENTENCE_FIELDS)
-        if "{description}" not in prompt_template:
-            raise UserError("data.prompt_template must contain '{description}' where the sentence goes; "
-                            f"got '{prompt_template}'.")
+        check_template(prompt_template, DESCRIPTION)
         for name, size in (("image_size", image_size), ("mask_size", mask_size)):
             if size is not None and size < 1:
                 raise UserError(f"data.{name} must be a positive number of pixels, got {size}.")
