@@ -157,3 +157,11 @@ def test_predict_writes_one_row_and_one_overlay_per_sample(trained):
         assert mask.size == image.size  # drawn at the original image size
         assert Image.open(row["overlay"]).size == image.size
         assert row["sentence"]
+
+
+def test_validate_evaluates_a_checkpoint_on_the_validation_split(trained):
+    _, _, checkpoint, _ = trained
+    cli = cli_main(["validate", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/oIoU", "val/mIoU", "val/loss"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/oIoU"]) <= 1.0
