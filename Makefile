@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.mit-lightning-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench reproduce-table1 reproduce-table2 reproduce-table3 clean-demo
+.PHONY: install demo test bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
 
 install: $(INSTALLED)
 
@@ -38,6 +38,9 @@ reproduce-table2: $(INSTALLED)
 
 reproduce-table3: $(INSTALLED)
 	$(BIN)/python -m mit_lightning.reproduce table3
+
+reproduce-table6: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table6
 
 clean-demo:
 	rm -rf data/demo runs/demo

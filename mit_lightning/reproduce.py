@@ -1,7 +1,7 @@
 """Reproduce the paper's tables: train and test each config, print the paper's numbers beside ours.
 
-    python -m mit_lightning.reproduce table1 [--dry-run] [-- extra mit arguments...]
-    (or: make reproduce-table1)
+    python -m mit_lightning.reproduce {table1,table2,table3,table6} [--dry-run] [-- extra mit arguments...]
+    (or: make reproduce-table1, reproduce-table2, reproduce-table3, reproduce-table6)
 
 Before anything trains, every experiment of the table is built once (configs parsed, weights and
 data paths checked), so a missing file stops the run at once with the list of what is missing.
@@ -25,56 +25,170 @@ RESULTS_FILE = "test_metrics.json"
 
 
 @dataclass(frozen=True)
+class Column:
+    """One column of a table: its label, whether values print as percentages, and their precision."""
+
+    label: str
+    scale: float = 100.0  # ours are fractions; the paper prints percentages
+    decimals: int = 1
+
+
+@dataclass(frozen=True)
 class Experiment:
-    """One config and the paper columns its test metrics fill (column → metric name)."""
+    """One run and the table cells its test metrics fill.
+
+    `configs` are applied in order (a base config, then overlays such as an ablation row);
+    `columns` maps a column label to the metric of test_metrics.json it shows; `row` names the
+    table row the values go to (None: the table's `ours_label` row).
+    """
 
     name: str
-    config: str
+    configs: tuple[str, ...]
     columns: dict[str, str]
-    scale: float = 100.0  # the paper prints percentages
+    row: str | None = None
+
+    def config_args(self) -> list[str]:
+        return [arg for config in self.configs for arg in ("--config", config)]
 
 
 @dataclass(frozen=True)
 class Table:
+    """The paper's rows (method → column label → value) and the rows our experiments fill.
+
+    A column no experiment fills shows the paper only (e.g. a convention the paper does not state).
+    """
+
     title: str
+    columns: tuple[Column, ...]
     experiments: tuple[Experiment, ...]
-    paper: dict[str, dict[str, float]]  # method → column → value
+    paper: dict[str, dict[str, float]]
     ours_label: str = "MiT (ours)"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        labels = {column.label for column in self.columns}
+        unknown = [label for experiment in self.experiments for label in experiment.columns if label not in labels]
+        unknown += [label for values in self.paper.values() for label in values if label not in labels]
+        if unknown:
+            raise ValueError(f"{self.title}: cells for columns it does not have: {unknown}")
+
     @property
-    def columns(self) -> list[str]:
-        return [column for experiment in self.experiments for column in experiment.columns]
+    def ours_rows(self) -> list[str]:
+        return list(dict.fromkeys(experiment.row or self.ours_label for experiment in self.experiments))
 
 
 def _refcoco_columns(prefix: str, splits: tuple[str, ...]) -> dict[str, str]:
     return {f"{prefix} {split}": f"test/{split}/oIoU" for split in splits}
 
 
-_TABLE1_PAPER_COLUMNS = [
+def _paper_row(values: list[float], columns: list[str]) -> dict[str, float]:
+    return dict(zip(columns, values))
+
+
+_TABLE1_COLUMNS = [
     "RefCOCO val", "RefCOCO testA", "RefCOCO testB", "RefCOCO+ val", "RefCOCO+ testA", "RefCOCO+ testB",
     "RefCOCOg val", "RefCOCOg test",
 ]
 
+#: Acc-2 / F1 as the paper prints them (convention not stated), then ours in both conventions
+_SENTIMENT_COLUMNS = (
+    Column("Acc-2"), Column("F1"), Column("Acc-2 has0"), Column("F1 has0"), Column("Acc-2 non0"), Column("F1 non0"),
+    Column("MAE", scale=1.0, decimals=3), Column("Corr", scale=1.0, decimals=3), Column("Acc-7"),
+)
+_SENTIMENT_PAPER_COLUMNS = ["Acc-2", "F1", "MAE", "Corr", "Acc-7"]
+#: our sentiment columns → metrics of the test split
+_SENTIMENT_CELLS = {
+    label: f"test/test/{metric}"
+    for label, metric in {
+        "Acc-2 has0": "Acc2_has0", "F1 has0": "F1_has0", "Acc-2 non0": "Acc2_non0", "F1 non0": "F1_non0",
+        "MAE": "MAE", "Corr": "Corr", "Acc-7": "Acc7",
+    }.items()
+}
+_SENTIMENT_NOTES = (
+    "Acc-2 / F1: the paper does not say which convention its numbers use, so they stand in their own columns. "
+    "Ours are given in both conventions: has0 = every clip, label ≥ 0 vs prediction ≥ 0; non0 = clips labelled 0 "
+    "dropped, label > 0 vs prediction > 0 (F1 weighted by class support).",
+    "MAE and Corr on unclipped predictions; Acc-7 after clipping to [-3, 3] and rounding. Ours: MMSA unaligned "
+    "features, test split, checkpoint chosen on the validation loss.",
+)
 
-def _paper_row(values: list[float], columns: list[str]) -> dict[str, float]:
-    return dict(zip(columns, values))
+
+def _mosi_ablation(name: str, row: str) -> Experiment:
+    return Experiment(name, ("configs/mosi.yaml", f"configs/ablations/{name}.yaml"), _SENTIMENT_CELLS, row=row)
 
 
 TABLES: dict[str, Table] = {
     "table1": Table(
         title="Table 1 — referring segmentation, oIoU (%)",
+        columns=tuple(Column(label) for label in _TABLE1_COLUMNS),
         experiments=(
-            Experiment("refcoco", "configs/refcoco.yaml", _refcoco_columns("RefCOCO", ("val", "testA", "testB"))),
-            Experiment("refcoco+", "configs/refcoco+.yaml", _refcoco_columns("RefCOCO+", ("val", "testA", "testB"))),
-            Experiment("refcocog", "configs/refcocog.yaml", _refcoco_columns("RefCOCOg", ("val", "test"))),
+            Experiment("refcoco", ("configs/refcoco.yaml",), _refcoco_columns("RefCOCO", ("val", "testA", "testB"))),
+            Experiment("refcoco+", ("configs/refcoco+.yaml",), _refcoco_columns("RefCOCO+", ("val", "testA", "testB"))),
+            Experiment("refcocog", ("configs/refcocog.yaml",), _refcoco_columns("RefCOCOg", ("val", "test"))),
         ),
         paper={
-            "LAVT": _paper_row([72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2, 62.1], _TABLE1_PAPER_COLUMNS),
-            "LISA (LLaMA2-13B)": _paper_row([74.1, 76.5, 71.1, 62.4, 67.4, 56.5, 66.4, 68.5], _TABLE1_PAPER_COLUMNS),
-            "PixelLM (LLaMA2-13B)": _paper_row([73.0, 76.5, 68.2, 66.3, 71.7, 58.3, 69.3, 70.5], _TABLE1_PAPER_COLUMNS),
-            "MiT (paper, LLaMA2-7B)": _paper_row([73.1, 77.1, 68.4, 66.9, 72.2, 57.6, 65.4, 68.5], _TABLE1_PAPER_COLUMNS),
+            "LAVT": _paper_row([72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2, 62.1], _TABLE1_COLUMNS),
+            "LISA (LLaMA2-13B)": _paper_row([74.1, 76.5, 71.1, 62.4, 67.4, 56.5, 66.4, 68.5], _TABLE1_COLUMNS),
+            "PixelLM (LLaMA2-13B)": _paper_row([73.0, 76.5, 68.2, 66.3, 71.7, 58.3, 69.3, 70.5], _TABLE1_COLUMNS),
+            "MiT (paper, LLaMA2-7B)": _paper_row([73.1, 77.1, 68.4, 66.9, 72.2, 57.6, 65.4, 68.5], _TABLE1_COLUMNS),
         },
+    ),
+    "table2": Table(
+        title="Table 2 — image-text classification on the test split, accuracy and macro-F1 (%)",
+        columns=(
+            Column("UPMC-Food101 Acc", decimals=2), Column("SNLI-VE Acc", decimals=2),
+            Column("UPMC-Food101 macro-F1", decimals=2), Column("SNLI-VE macro-F1", decimals=2),
+        ),
+        experiments=(
+            Experiment("food101", ("configs/food101.yaml",),
+                       {"UPMC-Food101 Acc": "test/test/accuracy", "UPMC-Food101 macro-F1": "test/test/macro_f1"}),
+            Experiment("snli_ve", ("configs/snli_ve.yaml",),
+                       {"SNLI-VE Acc": "test/test/accuracy", "SNLI-VE macro-F1": "test/test/macro_f1"}),
+        ),
+        paper={
+            "MMBT": {"UPMC-Food101 Acc": 92.10, "SNLI-VE Acc": 74.69},
+            "MiT (paper, LLaMA2-7B)": {"UPMC-Food101 Acc": 93.88, "SNLI-VE Acc": 74.71},
+        },
+        notes=(
+            "The paper's Table 2 also lists MaPLe, PromptFuse and PMF; their numbers are not carried over here.",
+            "Macro-F1 is ours only (the paper reports accuracy). Ours: best checkpoint by validation accuracy "
+            "(Food101: 6,846 stratified train images; SNLI-VE: dev).",
+        ),
+    ),
+    "table3": Table(
+        title="Table 3 — multimodal sentiment analysis (Acc-2, F1, Acc-7 in %)",
+        columns=_SENTIMENT_COLUMNS,
+        experiments=(
+            Experiment("mosi", ("configs/mosi.yaml",), _SENTIMENT_CELLS, row="MOSI — MiT (ours)"),
+            Experiment("mosei", ("configs/mosei.yaml",), _SENTIMENT_CELLS, row="MOSEI — MiT (ours)"),
+        ),
+        paper={
+            "MOSI — MiT (paper)": _paper_row([86.5, 86.5, 0.632, 0.858, 49.0], _SENTIMENT_PAPER_COLUMNS),
+            "MOSEI — MiT (paper)": _paper_row([87.2, 87.2, 0.509, 0.788, 55.2], _SENTIMENT_PAPER_COLUMNS),
+        },
+        notes=_SENTIMENT_NOTES,
+    ),
+    "table6": Table(
+        title="Table 6 — modalities on CMU-MOSI (T text, A acoustic, F facial; Acc-2, F1, Acc-7 in %)",
+        columns=_SENTIMENT_COLUMNS,
+        experiments=(
+            _mosi_ablation("mosi_text", "T (ours)"),
+            _mosi_ablation("mosi_text_facial", "T+F (ours)"),
+            _mosi_ablation("mosi_text_audio", "T+A (ours)"),
+            _mosi_ablation("mosi_text_audio_facial", "T+A+F (ours)"),
+            _mosi_ablation("mosi_late_addition", "T+A+F, MiT removed: vectors added after the LLM (ours)"),
+        ),
+        paper={
+            "T (paper)": _paper_row([82.2, 82.2, 0.701, 0.744, 45.3], _SENTIMENT_PAPER_COLUMNS),
+            "T+F (paper)": _paper_row([83.9, 84.0, 0.677, 0.813, 46.6], _SENTIMENT_PAPER_COLUMNS),
+            "T+A (paper)": _paper_row([85.2, 85.0, 0.670, 0.832, 47.2], _SENTIMENT_PAPER_COLUMNS),
+            "T+A+F (paper)": _paper_row([86.5, 86.5, 0.632, 0.858, 49.0], _SENTIMENT_PAPER_COLUMNS),
+        },
+        notes=(
+            *_SENTIMENT_NOTES,
+            "Each row is configs/mosi.yaml with an overlay from configs/ablations/. \"MiT removed\" has no paper "
+            "number here; it separates the gain of infusion from the gain of the extra modalities.",
+        ),
     ),
 }
 
@@ -95,11 +209,12 @@ def preflight(table: Table, extra: list[str]) -> list[str]:
 
     problems: dict[str, list[str]] = {}  # message → experiments it concerns
     for experiment in table.experiments:
-        if not Path(experiment.config).is_file():
-            found = [f"config file '{experiment.config}' not found (run from the repository root)."]
+        absent = [config for config in experiment.configs if not Path(config).is_file()]
+        if absent:
+            found = [f"config file '{config}' not found (run from the repository root)." for config in absent]
         else:
             try:
-                found = missing_inputs(parse_run_config(["--config", experiment.config, *extra]))
+                found = missing_inputs(parse_run_config([*experiment.config_args(), *extra]))
             except UserError as error:
                 found = [str(error)]
         for problem in found:
@@ -131,7 +246,7 @@ def missing_inputs(config) -> list[str]:
 def train_and_test(table_name: str, experiment: Experiment, root: Path, extra: list[str]) -> dict[str, float]:
     directory = run_directory(table_name, experiment, root)
     command = [
-        sys.executable, "-m", "mit_lightning", "fit", "--config", experiment.config, "--test_after_fit", "true",
+        sys.executable, "-m", "mit_lightning", "fit", *experiment.config_args(), "--test_after_fit", "true",
         "--trainer.default_root_dir", str(directory), "--trainer.logger.init_args.save_dir", str(directory), *extra,
     ]
     print(f"\n=== {experiment.name}: {' '.join(command[2:])}", flush=True)
@@ -143,24 +258,32 @@ def train_and_test(table_name: str, experiment: Experiment, root: Path, extra: l
 
 
 def format_table(table: Table, ours: dict[str, dict[str, float]]) -> str:
-    """Markdown: the paper's rows, then ours (— where an experiment has no results yet)."""
+    """Markdown: the paper's rows, then ours (— where a run has no results yet or fills no such column)."""
     columns = table.columns
-    lines = [f"### {table.title}", "", "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for method, values in table.paper.items():
-        lines.append(f"| {method} | " + " | ".join(_cell(values.get(column)) for column in columns) + " |")
-    cells = []
+    ours_rows: dict[str, dict[str, float]] = {row: {} for row in table.ours_rows}
     for experiment in table.experiments:
         results = ours.get(experiment.name) or {}
-        for metric in experiment.columns.values():
-            value = results.get(metric)
-            cells.append(_cell(None if value is None else value * experiment.scale))
-    lines.append(f"| {table.ours_label} | " + " | ".join(cells) + " |")
-    lines.extend(["", *table.notes])
+        row = ours_rows[experiment.row or table.ours_label]
+        row.update({label: results[metric] for label, metric in experiment.columns.items() if metric in results})
+    scaled = {
+        row: {column.label: values[column.label] * column.scale for column in columns if column.label in values}
+        for row, values in ours_rows.items()
+    }
+    lines = [
+        f"### {table.title}", "",
+        "| method | " + " | ".join(column.label for column in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for method, values in [*table.paper.items(), *scaled.items()]:
+        cells = [_cell(values.get(column.label), column) for column in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if table.notes:
+        lines.extend(["", *(f"- {note}" for note in table.notes)])
     return "\n".join(lines)
 
 
-def _cell(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+def _cell(value: float | None, column: Column) -> str:
+    return "—" if value is None else f"{value:.{column.decimals}f}"
 
 
 def main(argv: list[str] | None = None) -> None:

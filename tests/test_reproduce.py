@@ -1,0 +1,232 @@
+"""`python -m mit_lightning.reproduce`: table layout, result discovery and the preflight — nothing trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from classification_fixtures import write_food101, write_snli_ve
+from mit_lightning import reproduce
+from mit_lightning.cli import parse_run_config
+from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
+from mit_lightning.reproduce import TABLES, Column, Experiment, Table, find_results, format_table
+from mmsa_fixtures import write_mmsa
+
+REPO = Path(__file__).resolve().parents[1]
+#: the metric names each head logs (test/<split>/<name>)
+HEAD_METRICS = {
+    "mit_lightning.heads.ReferringSegmentation": {"oIoU", "mIoU", "oIoU_whole_image"},
+    "mit_lightning.heads.ImageTextClassification": {"accuracy", "macro_f1"},
+    "mit_lightning.heads.SentimentRegression": set(SENTIMENT_METRIC_NAMES),
+}
+
+
+def parsed(experiment: Experiment):
+    """An experiment's run config, parsed once per session."""
+    return _parse(experiment.configs)
+
+
+@lru_cache(maxsize=None)
+def _parse(configs: tuple[str, ...]):
+    return parse_run_config([arg for config in configs for arg in ("--config", str(REPO / config))])
+
+
+@pytest.fixture(autouse=True)
+def in_repository(monkeypatch):
+    """Experiments name their configs relative to the repository root, where `make` runs."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a run was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+
+
+# --- what each table reads -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_column_reads_a_metric_its_config_produces(name: str):
+    table = TABLES[name]
+    for experiment in table.experiments:
+        config = parsed(experiment)
+        produced = HEAD_METRICS[config.model.head.class_path]
+        for label, metric in experiment.columns.items():
+            stage, split, metric_name = metric.split("/")
+            assert stage == "test" and metric_name in produced, f"{experiment.name}: {label} → {metric}"
+            assert split in config.data.init_args.test_splits, f"{experiment.name}: {split} is not tested"
+
+
+def test_table6_rows_differ_only_in_the_modalities_and_the_fusion():
+    seen = {}
+    for experiment in TABLES["table6"].experiments:
+        assert experiment.configs[0] == "configs/mosi.yaml" and len(experiment.configs) == 2
+        config = parsed(experiment)
+        assert config.model.sequence_modalities == config.data.init_args.modalities
+        assert config.trainer.default_root_dir == f"runs/{experiment.name}"  # runs do not overwrite each other
+        seen[experiment.name] = (tuple(config.model.sequence_modalities), config.model.fusion.class_path)
+    assert seen == {
+        "mosi_text": ((), "mit_lightning.fusion.TextOnly"),
+        "mosi_text_facial": (("facial",), "mit_lightning.fusion.MiT"),
+        "mosi_text_audio": (("audio",), "mit_lightning.fusion.MiT"),
+        "mosi_text_audio_facial": (("audio", "facial"), "mit_lightning.fusion.MiT"),
+        "mosi_late_addition": (("audio", "facial"), "mit_lightning.fusion.LateAddition"),
+    }
+
+
+def test_a_table_refuses_cells_for_columns_it_does_not_have():
+    with pytest.raises(ValueError, match="Acc-3"):
+        Table("t", (Column("Acc"),), (Experiment("e", ("c.yaml",), {"Acc-3": "test/test/x"}),), paper={})
+
+
+# --- formatting ------------------------------------------------------------------------------------
+def rows_of(text: str) -> dict[str, list[str]]:
+    """Markdown table rows: method → cells."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_table2_prints_the_paper_beside_ours_in_percent():
+    ours = {"food101": {"test/test/accuracy": 0.912345, "test/test/macro_f1": 0.9}}
+    rows = rows_of(format_table(TABLES["table2"], ours))
+    assert rows["MMBT"] == ["92.10", "74.69", "—", "—"]
+    assert rows["MiT (paper, LLaMA2-7B)"] == ["93.88", "74.71", "—", "—"]
+    assert rows["MiT (ours)"] == ["91.23", "—", "90.00", "—"]  # SNLI-VE not run yet
+    assert not any(name.startswith(("MaPLe", "PromptFuse", "PMF")) for name in rows)  # no invented numbers
+
+
+def sentiment_results(scale: float) -> dict[str, float]:
+    values = {"MAE": 0.7123, "Corr": 0.8, "Acc7": 0.45, "Acc5": 0.5, "Acc2_has0": 0.851, "F1_has0": 0.849,
+              "Acc2_non0": 0.862, "F1_non0": 0.8615}
+    return {f"test/test/{name}": value * scale for name, value in values.items()}
+
+
+def test_table3_labels_both_acc2_conventions_and_keeps_regression_scores_unscaled():
+    text = format_table(TABLES["table3"], {"mosi": sentiment_results(1.0)})
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert "Acc-2 has0" in header and "Acc-2 non0" in header
+    rows = rows_of(text)
+    assert rows["MOSI — MiT (paper)"] == ["86.5", "86.5", "—", "—", "—", "—", "0.632", "0.858", "49.0"]
+    assert rows["MOSEI — MiT (paper)"] == ["87.2", "87.2", "—", "—", "—", "—", "0.509", "0.788", "55.2"]
+    assert rows["MOSI — MiT (ours)"] == ["—", "—", "85.1", "84.9", "86.2", "86.2", "0.712", "0.800", "45.0"]
+    assert set(rows["MOSEI — MiT (ours)"]) == {"—"}
+    assert "has0" in text.split("| MOSEI — MiT (ours)")[1]  # the notes say what the conventions are
+
+
+def test_table6_gives_each_modality_setting_its_own_row():
+    ours = {"mosi_text": sentiment_results(1.0), "mosi_late_addition": sentiment_results(0.5)}
+    rows = rows_of(format_table(TABLES["table6"], ours))
+    assert rows["T (paper)"][-3:] == ["0.701", "0.744", "45.3"]
+    assert rows["T+A+F (paper)"][:2] == ["86.5", "86.5"]
+    assert rows["T (ours)"][2] == "85.1"
+    late = next(name for name in rows if "MiT removed" in name)
+    assert rows[late][-3:] == ["0.356", "0.400", "22.5"]
+    assert set(rows["T+A (ours)"]) == {"—"}
+    assert len([name for name in rows if name.endswith("(ours)")]) == 5
+
+
+# --- results on disk -------------------------------------------------------------------------------
+def write_results(directory: Path, results: dict[str, float], mtime: float | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / reproduce.RESULTS_FILE
+    path.write_text(json.dumps(results))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_find_results_takes_the_newest_run_and_none_when_nothing_ran(tmp_path: Path):
+    assert find_results(tmp_path / "nothing") is None
+    write_results(tmp_path / "tensorboard" / "version_1", {"test/test/accuracy": 0.1}, mtime=1_000)
+    write_results(tmp_path / "tensorboard" / "version_0", {"test/test/accuracy": 0.9}, mtime=2_000)
+    assert find_results(tmp_path) == {"test/test/accuracy": 0.9}
+
+
+@pytest.fixture
+def available_inputs(tmp_path: Path, monkeypatch) -> Path:
+    """Every path tables 2, 3 and 6 need (the tiny LLM; a CLIP file that is checked, never loaded)."""
+    write_food101(tmp_path / "data" / "food101")
+    write_snli_ve(tmp_path / "data" / "snli_ve")
+    for dataset in ("MOSI", "MOSEI"):
+        write_mmsa(tmp_path / "data", dataset, aligned=False)
+    (tmp_path / "clip.pt").write_bytes(b"")
+    monkeypatch.setenv("MIT_LLM_PATH", "tiny")
+    monkeypatch.setenv("MIT_CLIP_PATH", str(tmp_path / "clip.pt"))
+    monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_main_runs_only_the_experiments_without_results(available_inputs: Path, monkeypatch, capsys):
+    runs = available_inputs / "runs"
+    write_results(runs / "table6" / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
+    started: list[list[str]] = []
+
+    def fake_run(command: list[str], check: bool) -> None:
+        started.append(command)
+        write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0", sentiment_results(0.5))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    reproduce.main(["table6", "--runs", str(runs), "--", "--trainer.max_epochs", "1"])
+    assert len(started) == 4  # mosi_text had results already
+    command = started[0]
+    assert command[command.index("fit") + 1:command.index("fit") + 5] == [
+        "--config", "configs/mosi.yaml", "--config", "configs/ablations/mosi_text_facial.yaml",
+    ]
+    assert command[-2:] == ["--trainer.max_epochs", "1"] and "--test_after_fit" in command
+    rows = rows_of(capsys.readouterr().out)
+    assert rows["T (ours)"][2] == "85.1" and rows["T+F (ours)"][2] == "42.5"
+
+
+@pytest.mark.parametrize("name", ["table2", "table3"])
+def test_dry_run_checks_the_inputs_and_trains_nothing(name: str, available_inputs: Path, no_training, capsys):
+    reproduce.main([name, "--dry-run", "--runs", str(available_inputs / "runs")])
+    rows = rows_of(capsys.readouterr().out)
+    ours = [cells for method, cells in rows.items() if method.endswith("(ours)")]
+    assert ours and all(set(cells) == {"—"} for cells in ours)
+
+
+# --- preflight -------------------------------------------------------------------------------------
+#: table → paths that must be named when nothing is there (relative to the missing data root)
+EXPECTED_MISSING = {
+    "table1": ["nodata"],
+    "table2": ["nodata/food101", "nodata/snli_ve"],
+    "table3": ["nodata/MOSI/Processed/unaligned_50.pkl", "nodata/MOSEI/Processed/unaligned_50.pkl"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MISSING))
+def test_preflight_lists_every_missing_input_at_once(name, tmp_path, monkeypatch, capsys, no_training):
+    monkeypatch.setenv("MIT_LLM_PATH", str(tmp_path / "llama"))
+    monkeypatch.setenv("MIT_CLIP_PATH", str(tmp_path / "clip.pt"))
+    monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "nodata"))
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main([name, "--runs", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "nothing was started" in error and "Traceback" not in error
+    assert f"LLM weights not found: expected a model folder at '{tmp_path / 'llama'}'" in error
+    needs_clip = any(parsed(experiment).model.vision for experiment in TABLES[name].experiments)
+    assert (f"CLIP weights not found: expected a file at '{tmp_path / 'clip.pt'}'" in error) is needs_clip
+    for path in EXPECTED_MISSING[name]:
+        assert f"'{tmp_path / path}'" in error, path
+    for experiment in TABLES[name].experiments:
+        assert experiment.name in error
+    assert error.count("LLM weights not found") == 1  # one line for every experiment it concerns
+
+
+def test_preflight_names_only_what_is_missing(available_inputs: Path, monkeypatch, capsys, no_training):
+    (available_inputs / "data" / "MOSEI" / "Processed" / "unaligned_50.pkl").unlink()
+    with pytest.raises(SystemExit):
+        reproduce.main(["table3", "--runs", str(available_inputs / "runs")])
+    problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and problems[0].startswith("  - mosei: MOSEI feature file not found")
