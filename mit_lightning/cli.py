@@ -107,9 +107,9 @@ class MiTCLI(LightningCLI):
             for name, value in self.trainer.callback_metrics.items()
             if name.startswith("test/") and value.numel() == 1
         }
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero or not results:
             return
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(_summary(results) + f"\nTest metrics written to {log_dir / 'test_metrics.json'}")

@@ -303,8 +303,14 @@ class MiTModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint fits this model before Lightning loads it non-strictly."""
-        saved = checkpoint.get("state_dict", {})
+        """Check the checkpoint fits this model before Lightning loads it non-strictly.
+
+        FSDP loads the weights itself before this hook and takes them out of `checkpoint`: then there
+        is nothing left to check here (torch still refuses weights of another shape).
+        """
+        if "state_dict" not in checkpoint:
+            return
+        saved = checkpoint["state_dict"]
         expected = {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))

@@ -39,6 +39,9 @@ class LLMConfig:
         padding_side: where the tokenizer pads; the last-token feature is correct for both.
         max_text_tokens: prompts longer than this are cut from the left (the task suffix is kept).
         seed: seed of a preset's random weights (frozen weights are rebuilt, not saved).
+        activation_checkpointing: recompute each decoder layer during backward instead of keeping its
+            activations: less memory (long prompts, big batches, token-concatenation baselines) for
+            about one more forward of the layers that backward reaches (those from the first infused one).
     """
 
     path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
@@ -47,6 +50,7 @@ class LLMConfig:
     padding_side: str = "right"
     max_text_tokens: int = 128
     seed: int = 0
+    activation_checkpointing: bool = False
 
     @property
     def preset(self) -> str | None:
@@ -128,6 +132,8 @@ class FrozenLLM(nn.Module):
         self.model.eval()
         self.shape = LLMShape.from_hf_config(self.model.config)
         _check_structure(self.model)
+        if config.activation_checkpointing:
+            _enable_activation_checkpointing(self.model)
 
     def _load_tokenizer(self):
         if self.config.preset:
@@ -155,8 +161,19 @@ class FrozenLLM(nn.Module):
         )
 
     def train(self, mode: bool = True) -> "FrozenLLM":
-        """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train())."""
-        return super().train(False)
+        """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train()).
+
+        With activation checkpointing, the decoder layers alone follow `mode`: HF layers checkpoint only
+        while `training` is set, and their submodules (attention, MLP) stay in eval mode.
+        """
+        super().train(False)
+        if self.config.activation_checkpointing:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for module in self.model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = mode
+        return self
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -166,7 +183,7 @@ class FrozenLLM(nn.Module):
         encoded = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
         )
-        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        return _to_device(encoded["input_ids"], device), _to_device(encoded["attention_mask"], device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -192,6 +209,27 @@ class FrozenLLM(nn.Module):
             **layer_kwargs,
         )
         return output.last_hidden_state
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A copy from pageable memory to a GPU waits until the GPU is idle; a pinned, non-blocking one does not."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """HF's per-layer checkpointing, non-reentrant so that keyword arguments (the payload) are replayed.
+
+    transformers 5 also makes the input embeddings require grad, which would build a graph through
+    every layer below the first infused one; MiT's graph starts inside the infused layers, so that
+    hook is removed again.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,8 @@ class FrozenCLIP(nn.Module):
         with seeded_init(self.config.seed):
             try:
                 model = open_clip.create_model(
-                    self.config.name, pretrained=str(path) if path else None, force_quick_gelu=self.config.quick_gelu
+                    self.config.name, pretrained=str(path) if path else None, force_quick_gelu=self.config.quick_gelu,
+                    device=torch.get_default_device(),  # where Lightning builds the model (its device context)
                 )
             except (RuntimeError, AssertionError, KeyError, ValueError) as error:
                 if path is None:

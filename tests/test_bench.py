@@ -1,0 +1,135 @@
+"""`mit bench`: the tiny run end to end, what the floor measures, and the 7B path without a GPU."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import partial
+
+import pytest
+import torch
+
+from mit_lightning import bench
+from mit_lightning.backbones.llm import FrozenLLM, LLMConfig
+from mit_lightning.cli import cli_main
+from mit_lightning.errors import UserError
+from mit_lightning.fusion import MiT
+from mit_lightning.module import MiTModule
+
+PER_BATCH_CASES = ("floor", "mit_train", "concat_train", "data_loading")
+RATIO_KEYS = {"mit_over_floor", "concat_over_mit", "mit_over_concat_memory", "mit_inference_ms",
+              "mit_train_samples_per_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny benchmark (1 warm-up, 2 steps, 1 worker) with its temporary files under a folder of ours."""
+    tmp_path = tmp_path_factory.mktemp("bench")
+    (tmp_path / "tmp").mkdir()
+    output = tmp_path / "bench.jsonl"
+    original, threads = tempfile.tempdir, torch.get_num_threads()
+    tempfile.tempdir = str(tmp_path / "tmp")
+    torch.set_num_threads(1)  # tiny models gain nothing from more, and a busy CPU makes threads wait on each other
+    try:
+        cli_main(["bench", "--scale", "tiny", "--device", "cpu", "--batch-sizes", "4", "2", "--text-length", "16",
+                  "--warmup", "1", "--steps", "2", "--workers", "1", "--output", str(output)])
+    finally:
+        tempfile.tempdir = original
+        torch.set_num_threads(threads)
+    return tmp_path, [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_tiny_run_prints_one_json_line_per_case_then_the_ratios(tiny_run):
+    _, lines = tiny_run
+    cases = {(line["case"], line["batch"]) for line in lines[:-1]}
+    assert cases == {(case, b) for case in PER_BATCH_CASES for b in (2, 4)} | {("mit_inference", b) for b in (1, 2, 4)}
+    for line in lines[:-1]:
+        assert line["scale"] == "tiny" and line["device"] == "cpu" and line["text_length"] == 16 and line["steps"] == 2
+        assert line["ms"] > 0 and line["samples_per_s"] == pytest.approx(line["batch"] * 1000 / line["ms"], rel=1e-2)
+        assert "peak_memory_mib" in line and "error" not in line
+
+
+def test_ratio_line_relates_the_cases(tiny_run):
+    _, lines = tiny_run
+    ratios = lines[-1]
+    by_case = {(line["case"], line["batch"]): line for line in lines[:-1]}
+    assert ratios["case"] == "ratios" and RATIO_KEYS <= set(ratios)
+    assert ratios["targets"] is None  # defined for 7B shapes on a GPU only
+    for batch in ("2", "4"):
+        expected = by_case["mit_train", int(batch)]["ms"] / by_case["floor", int(batch)]["ms"]
+        assert ratios["mit_over_floor"][batch] == pytest.approx(expected, rel=1e-2)
+        assert ratios["concat_over_mit"][batch] > 0
+    assert set(ratios["mit_inference_ms"]) == {"1", "2", "4"}
+
+
+def test_the_run_leaves_no_files_behind(tiny_run):
+    tmp_path, _ = tiny_run
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_prompts_fill_exactly_the_text_length():
+    llm = FrozenLLM(LLMConfig(path="tiny", dtype="float32", max_text_tokens=24))
+    ids, mask = llm.tokenize(bench.prompts(3, 24), "cpu")
+    assert ids.shape == (3, 24) and bool(mask.all())  # no padding: every sample is exactly 24 tokens
+
+
+def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
+    scale = bench.SCALES["tiny"]
+    module = bench.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
+    batch = bench.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
+    entering = []
+    with bench.graph_from_layer(module, 3):
+        for layer in module.llm.layers:
+            layer.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
+        bench.floor_step(module, batch)
+    assert [hidden.requires_grad for hidden in entering] == [False, False, True, True]
+    assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
+
+
+def test_an_out_of_memory_case_is_reported_not_fatal():
+    def step():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    measured = bench.measure(step, steps=2, warmup=1, device=torch.device("cpu"))
+    assert measured["ms"] is None and measured["error"] == "out of memory"
+
+
+def test_targets_compare_each_figure_with_its_limit():
+    per_batch = {
+        "mit_over_floor": {8: 1.15, 32: 1.2},
+        "concat_over_mit": {8: 4.5},
+        "mit_over_concat_memory": {8: None},
+        "mit_inference_ms": {1: 20.0},
+        "mit_train_samples_per_s": {32: 229.0},
+    }
+    targets = bench.check_targets(per_batch)
+    assert targets["mit_train / floor at batch 8"]["met"] is True  # at the limit counts
+    assert targets["mit_train / floor at batch 32"]["met"] is False
+    assert targets["concat_train / mit_train time at batch 8"]["met"] is True
+    assert targets["mit_train / concat_train peak memory at batch 8"] is None  # not measured (e.g. out of memory)
+    assert targets["mit_train samples/s at batch 32"] == {"value": 229.0, "limit": 230.0, "met": False}
+
+
+def test_7b_scale_has_the_papers_shapes():
+    scale = bench.SCALES["7b"]
+    module = MiTModule(head=lambda dims: None, llm=LLMConfig(path=scale.llm, dtype=scale.dtype),
+                       vision=bench.vision_config(scale))
+    llm, vision = module.llm_shape, module.vision_shape
+    assert (llm.num_layers, llm.hidden_size, llm.intermediate_size, llm.num_heads) == (32, 4096, 11008, 32)
+    assert (vision.image_size, vision.grid**2, vision.width, vision.embed_dim) == (336, 576, 1024, 768)
+    assert scale.layers == (13, 17, 21, 25, 29, 32) and max(scale.vision_blocks) <= vision.depth
+
+
+def test_7b_llm_is_built_on_the_context_device_in_bf16():
+    """The bench builds inside `torch.device(device)`: on "meta" nothing is allocated, so no CPU copy either."""
+    scale = bench.SCALES["7b"]
+    with torch.device("meta"):
+        llm = FrozenLLM(LLMConfig(path=scale.llm, dtype=scale.dtype))
+    parameters = list(llm.parameters())
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in parameters)
+    assert sum(p.numel() for p in parameters) > 6e9
+
+
+def test_7b_needs_a_gpu():
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        bench.main(["--scale", "7b", "--device", "cpu"])
