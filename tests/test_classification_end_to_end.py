@@ -1,6 +1,6 @@
 """`mit fit` then `mit test --ckpt_path` with configs/food101.yaml and configs/snli_ve.yaml.
 
-The paper's configs run unchanged apart from tiny backbones (`TINY`), on fixtures in the real
+The paper's configs run unchanged apart from tiny backbones (`TINY_LLM_AND_CLIP`), on fixtures in the real
 on-disk formats: quoted CSV titles, an SNLI line without a gold label, a listed image that is
 missing and one that does not decode.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +16,11 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
 from classification_fixtures import Fixture, write_food101, write_snli_ve
-from mit_lightning.cli import MiTCLI, cli_main, main
+from mit_lightning.cli import MiTCLI, cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = [
-    "--model.llm.path", "tiny", "--model.llm.dtype", "float32",
-    "--model.vision.name", "tiny", "--model.vision.weights", "null", "--model.vision.dtype", "float32",
-    "--model.fusion.init_args.layers", "[2, 4]",
-    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-    "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--data.num_workers", "0",
-]
 #: dataset → (fixture writer, evaluation splits of its config, extra overrides)
 DATASETS = {
     "food101": (write_food101, ("val", "test"), ["--data.val_size", "4"]),  # 16 train images in the fixture
@@ -77,7 +69,7 @@ def run(request, tmp_path_factory) -> Run:
     fixture = writer(tmp_path / "data")
     runs = str(tmp_path / "runs")
     fit, fit_logs = _logged(lambda: cli_main([
-        "fit", "--config", str(CONFIGS / f"{name}.yaml"), *TINY, *extra, "--data.root", str(fixture.root),
+        "fit", "--config", str(CONFIGS / f"{name}.yaml"), *TINY_LLM_AND_CLIP, *extra, "--data.root", str(fixture.root),
         "--trainer.default_root_dir", runs, "--trainer.logger.init_args.save_dir", runs,
     ]))
     checkpoint = Path(fit.trainer.checkpoint_callback.best_model_path)
@@ -130,21 +122,10 @@ def test_snli_lines_without_a_gold_label_are_counted(run: Run):
     assert any("dev" in message and "skipped 1 lines" in message for message in run.fit_logs)
 
 
-def fails_at_once(monkeypatch, capsys, *args: str) -> str:
-    """`mit <args>` as a user runs it: exit code 2 and one message, no traceback."""
-    monkeypatch.setattr(sys, "argv", ["mit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    return error
-
-
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_missing_data_stops_the_run_with_one_clear_message(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "nowhere"))  # the config's ${MIT_DATA_ROOT:-data}/<dataset>
-    error = fails_at_once(monkeypatch, capsys, "fit", "--config", str(CONFIGS / f"{dataset}.yaml"), *TINY)
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", str(CONFIGS / f"{dataset}.yaml"), *TINY_LLM_AND_CLIP)
     assert f"Data root not found: expected a directory at '{tmp_path / 'nowhere' / dataset}'" in error
 
 

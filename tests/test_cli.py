@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import fails_at_once
 from mit_lightning.cli import cli_main, main
 from mit_lightning.module import is_trainable_key
 
@@ -94,18 +95,8 @@ def test_a_checkpoint_of_another_model_is_refused_clearly(trained, capsys, monke
     assert "does not fit this model" in capsys.readouterr().err
 
 
-def run_main(monkeypatch, capsys, *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["mit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    return error
-
-
 def test_missing_data_root_is_one_clear_message(monkeypatch, capsys, tmp_path):
-    error = run_main(
+    error = fails_at_once(
         monkeypatch, capsys, "fit", "--config", str(Path(DEMO).parent / "refcoco.yaml"),
         "--model.llm.path", "tiny", "--data.root", str(tmp_path / "nowhere"),
     )
@@ -113,12 +104,12 @@ def test_missing_data_root_is_one_clear_message(monkeypatch, capsys, tmp_path):
 
 
 def test_missing_llm_weights_are_one_clear_message(monkeypatch, capsys, tmp_path):
-    error = run_main(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.llm.path", str(tmp_path / "llama")))
+    error = fails_at_once(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.llm.path", str(tmp_path / "llama")))
     assert "LLM weights not found" in error and str(tmp_path / "llama") in error
 
 
 def test_missing_clip_weights_are_one_clear_message(monkeypatch, capsys, tmp_path):
-    error = run_main(
+    error = fails_at_once(
         monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.vision.name", "ViT-B-16",
                                                "--model.vision.weights", str(tmp_path / "clip.pt")),
     )
@@ -126,12 +117,12 @@ def test_missing_clip_weights_are_one_clear_message(monkeypatch, capsys, tmp_pat
 
 
 def test_bad_layer_index_is_one_clear_message(monkeypatch, capsys, tmp_path):
-    error = run_main(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.fusion.init_args.layers", "[2, 9]"))
+    error = fails_at_once(monkeypatch, capsys, "fit", *small_run(tmp_path, "--model.fusion.init_args.layers", "[2, 9]"))
     assert "[9]" in error and "outside the LLM's 4 layers" in error
 
 
 def test_missing_checkpoint_is_one_clear_message(monkeypatch, capsys, tmp_path):
-    error = run_main(monkeypatch, capsys, "test", "--ckpt_path", str(tmp_path / "missing.ckpt"))
+    error = fails_at_once(monkeypatch, capsys, "test", "--ckpt_path", str(tmp_path / "missing.ckpt"))
     assert "Checkpoint not found" in error
 
 

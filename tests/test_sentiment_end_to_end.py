@@ -1,6 +1,6 @@
 """CMU-MOSI end to end (configs/mosi.yaml on MMSA pickles) and the Table 6 modality configs.
 
-The configs run unchanged apart from the tiny LLM (`TINY`). The MMSA fixtures carry -inf audio
+The configs run unchanged apart from the tiny LLM (`TINY_LLM`). The MMSA fixtures carry -inf audio
 values and, unaligned, sequences of their own lengths (one clip without audio frames).
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,22 +16,16 @@ import torch
 
 from mit_lightning.backbones import taps
 from mit_lightning.backbones.llm import last_token
-from mit_lightning.cli import MiTCLI, cli_main, main
+from mit_lightning.cli import MiTCLI, cli_main
 from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.fusion import LateAddition, MiT, TextOnly
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
 from mit_lightning.module import MiTModule
+from cli_helpers import TINY_LLM, fails_at_once
 from mmsa_fixtures import write_mmsa
 
 REPO = Path(__file__).resolve().parents[1]
 MOSI = str(REPO / "configs" / "mosi.yaml")
-TINY = [
-    "--model.llm.path", "tiny", "--model.llm.dtype", "float32",
-    "--model.fusion.init_args.layers", "[2, 4]",
-    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-    "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--data.num_workers", "0",
-]
 ENCODER_WIDTH = 128  # model.sequence_encoder.width in configs/mosi.yaml
 
 
@@ -57,13 +50,13 @@ def run(request, tmp_path_factory) -> Run:
     tmp_path = tmp_path_factory.mktemp("aligned" if aligned else "unaligned")
     write_mmsa(tmp_path / "data", "MOSI", aligned=aligned)
     data = ["--data.root", str(tmp_path / "data"), "--data.aligned", str(aligned).lower()]
-    fit = cli_main(["fit", "--config", MOSI, *TINY, *data, *run_dirs(tmp_path / "runs")])
+    fit = cli_main(["fit", "--config", MOSI, *TINY_LLM, *data, *run_dirs(tmp_path / "runs")])
     checkpoint = fit.trainer.checkpoint_callback.best_model_path
     if aligned:
         test = cli_main(["test", "--ckpt_path", checkpoint])
     else:
         runs = run_dirs(tmp_path / "runs")
-        test = cli_main(["test", "--config", MOSI, *TINY, *data, *runs, "--ckpt_path", checkpoint])
+        test = cli_main(["test", "--config", MOSI, *TINY_LLM, *data, *runs, "--ckpt_path", checkpoint])
     metrics = json.loads((Path(test.trainer.log_dir) / "test_metrics.json").read_text())
     return Run(aligned, fit, test, metrics)
 
@@ -89,22 +82,11 @@ def test_the_test_run_reads_the_file_it_was_trained_on(run: Run):
     assert run.test.model.sequence_modalities == ["audio", "facial"]
 
 
-def fails_at_once(monkeypatch, capsys, *args: str) -> str:
-    """`mit <args>` as a user runs it: exit code 2 and one message, no traceback."""
-    monkeypatch.setattr(sys, "argv", ["mit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    return error
-
-
 @pytest.mark.parametrize("dataset", ["MOSI", "MOSEI"])
 def test_missing_features_stop_the_run_with_one_clear_message(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "nowhere"))  # the config's ${MIT_DATA_ROOT:-data}
     config = str(REPO / "configs" / f"{dataset.lower()}.yaml")
-    error = fails_at_once(monkeypatch, capsys, "fit", "--config", config, *TINY)
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", config, *TINY_LLM)
     expected = tmp_path / "nowhere" / dataset / "Processed" / "unaligned_50.pkl"
     assert f"{dataset} feature file not found: expected a file at '{expected}'" in error
 
@@ -157,7 +139,7 @@ def row(request, mosi_root: Path, tmp_path_factory) -> Row:
     name = request.param
     cli = MiTCLI(
         args=[
-            "--config", MOSI, *TINY, "--config", str(REPO / "configs" / "ablations" / f"{name}.yaml"),
+            "--config", MOSI, *TINY_LLM, "--config", str(REPO / "configs" / "ablations" / f"{name}.yaml"),
             "--data.root", str(mosi_root), "--data.aligned", "true", *run_dirs(tmp_path_factory.mktemp(name)),
         ],
         run=False,
