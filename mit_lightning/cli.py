@@ -21,6 +21,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# Testing a checkpoint in a new run directory: ModelCheckpoint's own state does not apply there.
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
