@@ -118,10 +118,10 @@ class MiTModule(L.LightningModule):
         return self.vision_shape.image_size if self.vision_shape else None
 
     def dims(self, spec: DataSpec) -> ModelDims:
-        vectors = {name: self.sequence_encoder_config.width for name in self.sequence_modalities}
-        if self.vision_shape is not None:
-            vectors["image"] = self.vision_shape.embed_dim
         vision = self.vision_shape
+        vectors = {name: self.sequence_encoder_config.width for name in self.sequence_modalities}
+        if vision is not None:
+            vectors["image"] = vision.embed_dim
         return ModelDims(
             llm=self.llm_shape,
             vectors=vectors,
