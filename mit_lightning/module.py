@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -90,10 +91,9 @@ class MiTModule(L.LightningModule):
         self.sequence_encoder_config = sequence_encoder
         self.fusion_factory = fusion
         self.head_factory = head
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=4e-5))
-        self.lr_scheduler_factory = lr_scheduler or (
-            lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
-        )
+        # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4e-5)
+        self.lr_scheduler_factory = lr_scheduler or partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.1)
         # sizes from config files only: a missing weights path or a bad layer index fails here, at once
         self.llm_shape = LLMShape.from_hf_config(llm.hf_config())
         self.vision_shape = VisionShape.from_architecture(vision.architecture()) if vision else None

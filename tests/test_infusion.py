@@ -78,8 +78,7 @@ def test_literal_paper_and_release_forms_are_not_the_identity_at_init():
     frozen = last_token(llm(mask, input_ids=ids), mask)
     paper = mit_for(llm, layers=[2], form="paper")
     assert (paper(llm, ids, mask, vectors()) - frozen).abs().max() > 1e-4
-    for handle in paper._handles:
-        handle.remove()
+    paper.detach()
     release = mit_for(llm, layers=[2], form="release")
     assert release.infusions["2"].key_maps.weight.abs().sum() > 0  # PyTorch default init
     assert (release(llm, ids, mask, vectors()) - frozen).abs().max() > 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -18,10 +20,10 @@ SPEC = DataSpec(eval_splits={"validate": ["val"], "test": ["testA", "testB"], "p
 
 def segmentation_module(**kwargs) -> MiTModule:
     module = MiTModule(
-        head=lambda dims: ReferringSegmentation(dims, vision_blocks=(4, 2), width=32),
+        head=partial(ReferringSegmentation, vision_blocks=(4, 2), width=32),
         llm=LLMConfig(path="tiny", dtype="float32"),
         vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
-        fusion=lambda dims: MiT(dims, layers=[2, 4]),
+        fusion=partial(MiT, layers=[2, 4]),
         **kwargs,
     )
     module.build(SPEC)
@@ -115,3 +117,36 @@ def test_checkpoint_filtering_and_the_fit_check():
     broken.pop(next(iter(broken)))
     with pytest.raises(UserError, match="missing"):
         module.on_load_checkpoint({"state_dict": broken})
+
+
+def moved(module: MiTModule) -> MiTModule:
+    """Infusion away from its identity initialisation, so that losing it would change the outputs."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in module.fusion.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return module.eval()
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_copies_of_the_module_keep_their_own_working_infusion(copy_kind):
+    import copy
+    import pickle
+
+    module = moved(segmentation_module())
+    copied = copy.deepcopy(module) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(module))
+    with torch.no_grad():
+        original = module(batch())
+        torch.testing.assert_close(copied(batch()), original, rtol=0, atol=1e-6)
+        # the copy's taps point at the copy's infusion, not at the original's
+        for parameter in copied.fusion.parameters():
+            parameter.mul_(0.0)
+        assert (copied(batch()) - original).abs().max() > 1e-3
+        torch.testing.assert_close(module(batch()), original, rtol=0, atol=0)
+
+
+def test_an_llm_without_the_taps_fails_loudly_instead_of_running_text_only():
+    module = moved(segmentation_module())
+    module.llm.model.set_attn_implementation("sdpa")  # routed around the tapped attention
+    with pytest.raises(RuntimeError, match="did not reach layer 2 kv, layer 4 kv"):
+        module(batch())

@@ -178,7 +178,7 @@ def test_changing_a_modality_changes_the_prediction_only_when_it_is_used(row: Ro
 @pytest.mark.parametrize("row", ["mosi_late_addition"], indirect=True)
 def test_late_addition_leaves_the_llm_untouched_and_adds_after_it(row: Row, batch: dict):
     model = row.model
-    assert not any(layer.self_attn in taps._TAPS for layer in model.llm.layers)
+    assert taps.tapped_layers(model.llm.model) == []
     assert not model.llm.model.config._attn_implementation.startswith(taps.TAPPED_PREFIX)
     seen: list[torch.Tensor] = []
     features: list[torch.Tensor] = []

@@ -47,6 +47,9 @@ class Fusion(nn.Module):
     def attach(self, llm: FrozenLLM) -> None:
         """Install hooks into the frozen LLM; methods that only change the input need nothing."""
 
+    def detach(self) -> None:
+        """Take out what `attach` installed, leaving the LLM as it was loaded."""
+
     def forward(
         self, llm: FrozenLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: FusionInputs
     ) -> torch.Tensor:

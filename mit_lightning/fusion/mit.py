@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mit_lightning.backbones.llm import FrozenLLM, LLMShape, last_token
-from mit_lightning.backbones.taps import PAYLOAD_KWARG, TapHandle, tap_layer
+from mit_lightning.backbones.taps import PAYLOAD_KWARG, LayerTap, TapPayload, check_reached, tap_layer
 from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 
@@ -43,7 +43,7 @@ FORMS = ("gated", "paper", "release")
 
 
 @dataclass
-class InfusionPayload:
+class InfusionPayload(TapPayload):
     """Per-batch inputs every infused layer reads: the vector I and which tokens are real."""
 
     vector: torch.Tensor  # (B, d_I)
@@ -184,25 +184,30 @@ class MiT(Fusion):
                 for number in self.layer_numbers
             }
         )
-        self._handles: list[TapHandle] = []
+        self._taps: list[LayerTap] = []
 
     def attach(self, llm: FrozenLLM) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = [
+        self.detach()
+        self._taps = [
             tap_layer(
                 llm.model,
                 int(number) - 1,
                 kv=infusion.infuse_kv if infusion.key_maps is not None else None,
-                ffn=infusion.infuse_ffn if infusion.ffn_map is not None else None,
+                ffn_activation=infusion.infuse_ffn if infusion.ffn_map is not None else None,
             )
             for number, infusion in self.infusions.items()
         ]
+
+    def detach(self) -> None:
+        for tap in self._taps:
+            tap.remove()
+        self._taps = []
 
     def forward(self, llm: FrozenLLM, input_ids, attention_mask, inputs: FusionInputs) -> torch.Tensor:
         vector = torch.cat([inputs.vectors[name] for name in self.modalities], dim=-1)
         payload = InfusionPayload(vector=vector, token_mask=attention_mask)
         hidden = llm(attention_mask, input_ids=input_ids, **{PAYLOAD_KWARG: payload})
+        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, "MiT")
         return last_token(hidden, attention_mask)
 
 
