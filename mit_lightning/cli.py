@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -26,6 +25,7 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
+from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, recording_user_errors
 from mit_lightning.module import MiTModule
@@ -149,7 +149,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"Checkpoint not found: '{path}'. Give the path of a .ckpt file written by `mit fit`.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_file(path)
     stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY)
     if not stored:
         return args
