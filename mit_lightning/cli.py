@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -26,9 +30,17 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 from mit_lightning.checkpoints import load_weights_file
+from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, recording_user_errors
 from mit_lightning.module import MiTModule
+from mit_lightning.resume import (
+    LatestCheckpoint,
+    checkpoint_folders,
+    disable_save_last,
+    resolve_ckpt_path,
+    run_version,
+)
 
 #: the parts of a run's config that say how to rebuild and evaluate its model
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
@@ -37,7 +49,18 @@ EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Saves config.yaml in the run directory (never overwriting one) and the config in checkpoints."""
+    """Saves config.yaml in the run directory (never overwriting one) and the config in checkpoints.
+
+    A resumed run keeps its folder: its config goes beside the first as config.resume-<n>.yaml.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        resumed = stage == "fit" and self.config.get("ckpt_path")
+        if resumed or (log_dir / self.config_filename).exists():
+            names = (f"config.resume-{n}.yaml" for n in range(1, 10_000))
+            self.config_filename = next(name for name in names if not (log_dir / name).exists())
+        super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -56,6 +79,36 @@ class MiTCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Settle the checkpoint and the run folder before the model is built (minutes for a 7B LLM)."""
+        config = self.config[self.subcommand]
+        check_writable(config.trainer)
+        ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
+        config.ckpt_path = str(ckpt_path) if ckpt_path else None
+        if isinstance(ckpt_path, Path):
+            load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            if self.subcommand == "fit":
+                continue_run_folder(config.trainer, ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would read model settings from the checkpoint's `hyper_parameters`, importing any class path
+        they name. A run's config travels as its own checked entry instead (`with_checkpoint_config`)."""
+
+    def _keep_latest_checkpoint(self) -> None:
+        """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly."""
+        if not any(isinstance(callback, LatestCheckpoint) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(LatestCheckpoint())
+        disable_save_last(self.trainer)
+
+    def before_fit(self) -> None:
+        self._keep_latest_checkpoint()
+
+    def before_validate(self) -> None:
+        self._keep_latest_checkpoint()
+
+    def before_test(self) -> None:
+        self._keep_latest_checkpoint()
 
     def instantiate_classes(self) -> None:
         with recording_user_errors() as user_errors:
@@ -76,6 +129,9 @@ class MiTCLI(LightningCLI):
                 },
             }
         )
+        if any(getattr(action, "dest", None) == "weights_only" for action in parser._actions):
+            # checkpoints hold tensors and plain data: loading one never needs to unpickle (and run) code
+            parser.set_defaults({"weights_only": True})
         if any(getattr(action, "dest", None) == "return_predictions" for action in parser._actions):
             # predictions are written batch by batch; keeping them all would hold a whole split in memory
             parser.set_defaults({"return_predictions": False})
@@ -86,6 +142,7 @@ class MiTCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """Without a writer of the user's, predictions go to <run dir>/predictions (see callbacks.py)."""
+        self._keep_latest_checkpoint()
         from lightning.pytorch.callbacks import BasePredictionWriter
 
         from mit_lightning.callbacks import PredictionWriter
@@ -115,6 +172,39 @@ class MiTCLI(LightningCLI):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(_summary(results) + f"\nTest metrics written to {log_dir / 'test_metrics.json'}")
+
+
+def check_writable(trainer_config) -> None:
+    """An unwritable run folder fails now, in one line, not after the model is built."""
+    logger = trainer_config.get("logger")
+    loggers = logger if isinstance(logger, list) else [logger]
+    folders = [trainer_config.get("default_root_dir") or "."]
+    folders += [item.init_args.get("save_dir") for item in loggers if isinstance(item, Namespace) and "init_args" in item]
+    for folder in (Path(folder) for folder in folders if folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise UserError(f"Cannot write the run folder '{folder}' ({error.strerror or error}). Choose another with "
+                            "--trainer.default_root_dir (and the logger's save_dir), or fix its permissions.") from None
+
+
+def continue_run_folder(trainer_config, ckpt_path: Path) -> None:
+    """Resuming a run's checkpoint logs into that run's folder: the same TensorBoard curves, continued."""
+    version = run_version(ckpt_path)
+    own_folders = {folder.resolve() for folder in checkpoint_folders(trainer_config)}
+    if version is None or ckpt_path.resolve().parent not in own_folders:
+        return  # a checkpoint from elsewhere: this run gets a folder of its own
+    logger = trainer_config.get("logger")
+    if logger is None or logger is True:
+        trainer_config.logger = Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=trainer_config.get("default_root_dir") or ".", version=version),
+        )
+    elif isinstance(logger, Namespace) and "init_args" in logger:
+        logger.init_args.version = version
+    rank_zero_info(f"Resuming {ckpt_path}: logging into the same run folder (version {version}).")
 
 
 def _summary(results: dict[str, float]) -> str:
@@ -153,6 +243,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY)
     if not stored:
         return args
+    check_stored_config(stored, path, args)
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
 
 
@@ -180,9 +271,16 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     return MiTCLI(args=with_checkpoint_config(args))
 
 
+#: the exit status of a run stopped by SIGTERM (128 + 15, as the shell reports it): never 0, so a job is requeued
+SIGTERM_EXIT = 143
+
+
 def main() -> None:
     try:
         cli_main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        raise SystemExit(SIGTERM_EXIT) from None
+

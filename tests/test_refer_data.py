@@ -56,12 +56,18 @@ def test_training_one_per_ref_draws_a_random_sentence_of_that_ref(fixture):
     train = data.datasets["train"]
     train_refs = [record for record in refs_records() if record["split"] == "train"]
     assert len(train) == len(train_refs)
-    torch.manual_seed(0)
+    loader = data.train_dataloader()
     drawn: dict[int, set[int]] = {}
-    for _ in range(40):
-        for item in items(train):
-            drawn.setdefault(item["ref_id"], set()).add(item["sent_id"])
+    epochs: list[list[tuple[int, int]]] = []
+    for epoch in range(40):
+        loader.sampler.set_epoch(epoch)
+        epochs.append([(int(r), int(s)) for batch in loader for r, s in zip(batch["ref_id"], batch["sent_id"])])
+        assert sorted(ref for ref, _ in epochs[-1]) == sorted(record["ref_id"] for record in train_refs)
+        for ref_id, sent_id in epochs[-1]:
+            drawn.setdefault(ref_id, set()).add(sent_id)
     assert drawn == {record["ref_id"]: set(record["sent_ids"]) for record in train_refs}
+    loader.sampler.set_epoch(3)
+    assert [(int(r), int(s)) for batch in loader for r, s in zip(batch["ref_id"], batch["sent_id"])] == epochs[3]
 
 
 def test_training_all_serves_every_sentence(fixture):

@@ -13,6 +13,7 @@ Batch contract (a dict, produced by `collate`):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mit_lightning.data.sampling import EpochShuffle, ResumableLoader
 from mit_lightning.errors import UserError, existing_path
 
 log = logging.getLogger(__name__)
@@ -151,11 +153,25 @@ class MiTDataModule(L.LightningDataModule):
             raise UserError("data.image_size is not set and no model is attached to tell it; set --data.image_size.")
         return int(size)
 
+    def _training_order(self, dataset: Dataset) -> EpochShuffle:
+        """The epoch's order from (seed, epoch); a run resumed mid-epoch continues after the batches it trained on."""
+        sampler = EpochShuffle(len(dataset), seed=int(os.environ.get("PL_GLOBAL_SEED", "0")),
+                               with_draws=getattr(dataset, "takes_draws", False))
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.fit_loop.restarting:
+            # the checkpoint's epoch, restored before the dataloader is built (Lightning sets it only later)
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size)
+        return sampler
+
     def _loader(self, split: str, *, train: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
+        dataset = self.datasets[split]
+        return (ResumableLoader if train else DataLoader)(
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=self._training_order(dataset) if train else None,
+            # the workers' seeds come from here, not from the global RNG, whose stream a resumed run restores
+            generator=torch.Generator().manual_seed(0),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

@@ -199,12 +199,17 @@ class ReferringSegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    @property
+    def takes_draws(self) -> bool:
+        """A random sentence per ref: the training order supplies the draw (`data/sampling.py`)."""
+        return self.samples[0][1] is None if self.samples else False
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, draw = key if isinstance(key, tuple) else (key, 0)
         object_index, sentence_index = self.samples[index]
         obj = self.objects[object_index]
         if sentence_index is None:
-            # torch's generator: DataLoader reseeds it in every worker and every epoch
-            sentence_index = int(torch.randint(len(obj.sentences), ()).item())
+            sentence_index = draw % len(obj.sentences)
         sentence = obj.sentences[sentence_index]
         mask = decode_mask(obj.mask)
         return {

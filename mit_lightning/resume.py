@@ -1,0 +1,245 @@
+"""Runs that survive pre-emption: a true latest checkpoint, written atomically, and resuming it exactly.
+
+- `LatestCheckpoint` keeps ``<run>/checkpoints/last.ckpt`` the latest state of training: rewritten at
+  every training-epoch end (after validation), optionally every N optimizer steps, and when the
+  process receives SIGTERM (how clusters pre-empt). Each write goes to a temporary file renamed over
+  the old one, so a kill mid-write leaves the previous checkpoint intact. It also carries the RNG
+  states, so a resumed run draws the same random numbers as an uninterrupted one.
+- `checkpoint_folders` / `latest_checkpoint` find the newest run of a config, so that
+  ``mit fit --config X --ckpt_path last`` continues that run in its own folder (same TensorBoard
+  curves) and ``mit test --config X --ckpt_path best`` finds its best checkpoint.
+
+The data side of exact resumption (the same samples in the same order) is `data/sampling.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mit_lightning.checkpoints import load_weights_file
+from mit_lightning.errors import UserError
+
+LAST_NAME = "last"
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+# --- random number generators -----------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG training draws from, as tensors and plain data (loadable with weights_only)."""
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the callback -------------------------------------------------------------------------------------
+class LatestCheckpoint(Callback):
+    """Keeps ``last.ckpt`` in the run's checkpoint folder the true latest state of training.
+
+    Args:
+        every_n_train_steps: also write it every N optimizer steps (long epochs); None = epoch ends only.
+
+    Under several processes (DDP), only epoch ends are written: the middle of an epoch cannot be
+    resumed exactly there, so a pre-empted multi-GPU run continues from its last epoch end.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise UserError(f"LatestCheckpoint every_n_train_steps must be at least 1 (or null), got {every_n_train_steps}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.saved_path: Path | None = None
+        self.saved_at: tuple[int, int] | None = None  # (epoch, global step)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and self.every_n_train_steps:
+            rank_zero_warn("LatestCheckpoint writes only at epoch ends under several processes: the middle of an epoch "
+                           "cannot be resumed exactly there.")
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": capture_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        steps = self.every_n_train_steps
+        if steps and trainer.world_size == 1 and trainer.global_step % steps == 0 and not trainer.received_sigterm:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.training and trainer.world_size == 1:
+            self.save(trainer)
+        if trainer.is_global_zero:
+            where = (f"the latest checkpoint is {self.saved_path} (epoch {self.saved_at[0]}, step {self.saved_at[1]}); "
+                     "resume with the same command plus --ckpt_path last" if self.saved_path else
+                     "no checkpoint of this run was written yet")
+            print(f"Stopped by SIGTERM: {where}.", file=sys.stderr, flush=True)
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        """Where the run's ModelCheckpoint writes (Lightning's own rule when there is none)."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath)
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return Path(save_dir, str(logger.name), version, "checkpoints")
+        return Path(trainer.default_root_dir, "checkpoints")
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write to a temporary file, then rename it over the previous one: never a half-written last.ckpt."""
+        final = self.folder(trainer) / f"{LAST_NAME}{CHECKPOINT_SUFFIX}"
+        partial = final.with_name(final.name + ".partial")
+        if trainer.is_global_zero:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(partial, weights_only=False)  # everything: optimizer, schedulers, loops
+        if trainer.is_global_zero:
+            os.replace(partial, final)
+        self.saved_path, self.saved_at = final, (trainer.current_epoch, trainer.global_step)
+
+
+def disable_save_last(trainer: L.Trainer) -> None:
+    """`LatestCheckpoint` owns last.ckpt; ModelCheckpoint's save_last only refreshes it with a new best."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            callback.save_last = False
+            rank_zero_info("last.ckpt is written by mit's LatestCheckpoint at every epoch end (ModelCheckpoint.save_last "
+                           "is switched off, it would only refresh it with a new best).")
+
+
+# --- finding the runs of a config ---------------------------------------------------------------------
+_DEFAULT_LOGGER_NAMES = {"TensorBoardLogger": "lightning_logs", "CSVLogger": "lightning_logs"}
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def _value(namespace: Any, key: str, default: Any = None) -> Any:
+    if namespace is None:
+        return default
+    value = namespace.get(key, default) if hasattr(namespace, "get") else getattr(namespace, key, default)
+    return default if value is None else value
+
+
+def checkpoint_folders(trainer_config: Any) -> list[Path]:
+    """The checkpoint folders a config's runs write to (one per run version), from the parsed trainer config."""
+    root = Path(_value(trainer_config, "default_root_dir", "."))
+    for callback in _value(trainer_config, "callbacks", []) or []:
+        if str(_value(callback, "class_path", "")).endswith("ModelCheckpoint"):
+            dirpath = _value(_value(callback, "init_args"), "dirpath")
+            if dirpath:
+                return [Path(dirpath)]
+            break
+    logger = _value(trainer_config, "logger", True)
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger is False:
+        return [root / "checkpoints"]
+    if logger is True:
+        save_dir, name, version = root, "lightning_logs", None
+    else:
+        kind = str(_value(logger, "class_path", "")).rsplit(".", 1)[-1]
+        if kind not in _DEFAULT_LOGGER_NAMES:
+            raise UserError(f"Cannot find the runs of a {kind or 'custom'} logger by myself: give the checkpoint path "
+                            "itself to --ckpt_path.")
+        args = _value(logger, "init_args")
+        save_dir = Path(_value(args, "save_dir", root))
+        name, version = _value(args, "name", _DEFAULT_LOGGER_NAMES[kind]), _value(args, "version")
+    base = Path(save_dir, name) if name else Path(save_dir)
+    if version is not None:
+        return [base / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
+    return sorted(base.glob("version_*/checkpoints"))
+
+
+def latest_checkpoint(trainer_config: Any) -> Path | None:
+    """The newest last.ckpt among a config's runs, or None before its first run."""
+    candidates = [folder / f"{LAST_NAME}{CHECKPOINT_SUFFIX}" for folder in checkpoint_folders(trainer_config)]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+
+
+def best_checkpoint(last: Path) -> Path | None:
+    """The best checkpoint the run of `last` recorded (its ModelCheckpoint state), if it still exists."""
+    states = load_weights_file(last).get("callbacks", {})
+    for key, state in states.items():
+        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path"):
+            path = Path(state["best_model_path"])
+            return path if path.is_file() else None
+    return None
+
+
+def run_version(checkpoint: Path) -> int | str | None:
+    """The logger version of the run a checkpoint belongs to (``<name>/version_N/checkpoints/x.ckpt``)."""
+    folder = checkpoint.resolve().parent
+    if folder.name != "checkpoints":
+        return None
+    match = _VERSION.match(folder.parent.name)
+    return int(match.group(1)) if match else folder.parent.name
+
+
+def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, trainer_config: Any) -> Path | str | None:
+    """``last`` / ``best`` → that file of the config's newest run; a given path is checked to exist.
+
+    ``mit fit --ckpt_path last`` before any run of the config starts a new run (so a job script can
+    always pass it); evaluating ``last`` or ``best`` needs a run.
+    """
+    if ckpt_path in (None, "hpc", "registry"):
+        return ckpt_path
+    if ckpt_path not in ("last", "best"):
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"Checkpoint not found: '{path}'. Give the path of a .ckpt file written by `mit fit`, "
+                            "or 'last' / 'best' for the newest run of the config.")
+        return path
+    folders = checkpoint_folders(trainer_config)
+    last = latest_checkpoint(trainer_config)
+    where = ", ".join(str(folder) for folder in folders) or "no run folder yet"
+    if last is None:
+        if subcommand == "fit" and ckpt_path == "last":
+            rank_zero_info(f"No earlier run of this config to resume ({where}): starting a new run.")
+            return None
+        raise UserError(f"--ckpt_path {ckpt_path}: this config has no run with a checkpoint yet ({where}). "
+                        "Train it first (mit fit --config ...), or give a checkpoint path.")
+    if ckpt_path == "last":
+        return last
+    best = best_checkpoint(last)
+    if best is None:
+        raise UserError(f"--ckpt_path best: the newest run ('{last.parent}') has no best checkpoint (no "
+                        "ModelCheckpoint with a monitored metric, or its file was removed). Give a checkpoint path.")
+    return best

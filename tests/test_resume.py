@@ -1,0 +1,169 @@
+"""Pre-emption: a run killed mid-epoch (SIGTERM or SIGKILL) and resumed with `--ckpt_path last` ends exactly
+where an uninterrupted run ends; the latest checkpoint is always complete; the training order is resumable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import fails_at_once
+from mit_lightning.data.sampling import EpochShuffle
+from mit_lightning.resume import LatestCheckpoint, capture_rng_state, restore_rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+CALLBACKS = """\
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {monitor: val/oIoU, mode: max, filename: "best-{epoch}"}
+    - class_path: mit_lightning.resume.LatestCheckpoint
+      init_args: {every_n_train_steps: 2}
+"""
+
+
+# --- the training order ---------------------------------------------------------------------------
+def test_the_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch():
+    sampler = EpochShuffle(50, seed=7, with_draws=True)
+    sampler.set_epoch(3)
+    epoch3 = list(sampler)
+    assert sorted(index for index, _ in epoch3) == list(range(50))
+    assert list(sampler) == epoch3  # the same epoch twice: the same order and draws
+    sampler.set_epoch(4)
+    assert list(sampler) != epoch3
+    sampler.set_epoch(3)
+    sampler.resume_at(20)
+    assert len(sampler) == 50  # Lightning counts a resumed epoch's batches from its start
+    assert list(sampler) == epoch3[20:]
+    assert list(sampler) == epoch3  # the skip applies to one pass only
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    path = tmp_path / "rng.pt"
+    torch.save(capture_rng_state(), path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(torch.load(path, weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_failed_write_leaves_the_previous_latest_checkpoint_intact(tmp_path):
+    class Trainer:
+        is_global_zero, current_epoch, global_step, checkpoint_callbacks, loggers = True, 0, 5, [], []
+        default_root_dir = str(tmp_path)
+
+        def save_checkpoint(self, path, weights_only=None):
+            Path(path).write_bytes(b"half a checkpo")
+            raise OSError("disk full")
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"the previous checkpoint")
+    with pytest.raises(OSError):
+        LatestCheckpoint().save(Trainer())
+    assert last.read_bytes() == b"the previous checkpoint"
+
+
+# --- killed and resumed ---------------------------------------------------------------------------
+def run(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """`mit fit` of a tiny demo in a fresh process (as a cluster job runs it)."""
+    overlay = tmp_path / "callbacks.yaml"
+    overlay.write_text(CALLBACKS)
+    folder = str(tmp_path / name)
+    command = [
+        sys.executable, "-m", "mit_lightning", "fit", "--config", DEMO, "--config", str(overlay),
+        "--trainer.default_root_dir", folder, "--trainer.logger.init_args.save_dir", folder,
+        "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--test_after_fit", "true",
+        "--model.lr_scheduler.init_args.step_size", "1",  # a schedule that moves every epoch
+        "--data.root", str(tmp_path / "data"), "--data.train_images", "16", "--data.val_images", "4",
+        "--data.test_images", "4", "--data.batch_size", "16", "--data.num_workers", "0", *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+
+def final_state(tmp_path: Path, name: str) -> dict:
+    runs = sorted((tmp_path / name / "tensorboard").iterdir())
+    assert [run.name for run in runs] == ["version_0"], "a resumed run continues in its own folder"
+    checkpoint = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    metrics = (runs[0] / "test_metrics.json").read_text()
+    return {"checkpoint": checkpoint, "metrics": metrics, "folder": runs[0]}
+
+
+def assert_same_training_state(resumed: dict, reference: dict) -> None:
+    got, expected = resumed["checkpoint"], reference["checkpoint"]
+    assert (got["epoch"], got["global_step"]) == (expected["epoch"], expected["global_step"])
+    assert got["state_dict"].keys() == expected["state_dict"].keys()
+    for key, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], tensor), key
+    for got_optimizer, expected_optimizer in zip(got["optimizer_states"], expected["optimizer_states"]):
+        for index, state in expected_optimizer["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(got_optimizer["state"][index][name]), torch.as_tensor(value))
+    assert got["lr_schedulers"] == expected["lr_schedulers"]
+    assert resumed["metrics"] == reference["metrics"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
+    result = run(tmp_path, "uninterrupted")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path, final_state(tmp_path, "uninterrupted")
+
+
+@pytest.mark.parametrize("signal_name, step, exit_code", [("TERM", 6, 143), ("KILL", 7, -9)])
+def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step, exit_code):
+    tmp_path, reference = uninterrupted
+    name = f"killed_{signal_name}"
+    killed = run(tmp_path, name, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
+                 str(step), "--trainer.callbacks.signal_name", signal_name)
+    assert killed.returncode == exit_code, killed.stderr[-3000:]
+    if signal_name == "TERM":  # saved on the way out, and says how to go on
+        assert f"epoch 1, step {step}" in killed.stderr and "--ckpt_path last" in killed.stderr
+    resumed = run(tmp_path, name, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
+    state = final_state(tmp_path, name)
+    assert_same_training_state(state, reference)
+    assert (state["folder"] / "config.yaml").is_file() and (state["folder"] / "config.resume-1.yaml").is_file()
+    assert len(list(state["folder"].glob("events.out.tfevents.*"))) >= 2  # the same TensorBoard run, continued
+
+
+# --- checkpoint shortcuts and start-up checks -------------------------------------------------------
+def test_evaluating_best_or_last_before_any_run_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    for shortcut in ("best", "last"):
+        error = fails_at_once(monkeypatch, capsys, "test", "--config", DEMO, "--trainer.default_root_dir",
+                              str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path",
+                              shortcut, "--data.root", str(tmp_path / "data"))
+        assert "has no run with a checkpoint yet" in error
+
+
+def test_a_missing_or_broken_checkpoint_to_resume_fails_before_the_model_is_built(monkeypatch, capsys, tmp_path):
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--ckpt_path", str(tmp_path / "missing.ckpt"),
+                          "--model.llm.path", str(tmp_path / "no-llm-here"))
+    assert "Checkpoint not found" in error
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--ckpt_path", str(empty),
+                          "--trainer.default_root_dir", str(tmp_path), "--data.root", str(tmp_path / "data"))
+    assert "empty (0 bytes)" in error
+
+
+def test_an_unwritable_run_folder_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--trainer.default_root_dir",
+                          str(blocker / "runs"), "--data.root", str(tmp_path / "data"))
+    assert "Cannot write the run folder" in error

@@ -1,0 +1,95 @@
+"""No file runs code: crafted checkpoints and weight files are refused in one line, naming the file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import fails_at_once
+from mit_lightning.checkpoints import load_weights_file
+from mit_lightning.errors import UserError
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+EVIL_MODULE = """\
+from pathlib import Path
+Path("IMPORTED").write_text("code from a checkpoint ran")
+
+class Evil:
+    def __init__(self, *args, **kwargs):
+        Path("INSTANTIATED").write_text("code from a checkpoint ran")
+"""
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PICKLE_RAN",))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current folder holding a module an attacker wants imported, importable like any local module."""
+    (tmp_path / "evil_module.py").write_text(EVIL_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("evil_module", None)
+
+
+def crafted_checkpoint(path: Path, **entries) -> Path:
+    config = {"model": {"fusion": {"class_path": "evil_module.Evil"}, "head": {"class_path": "evil_module.Evil"}}}
+    torch.save({"state_dict": {}, "mit_config": config, **entries}, path)
+    return path
+
+
+def test_a_stored_config_naming_a_foreign_class_is_refused_before_import(workdir, monkeypatch, capsys):
+    checkpoint = crafted_checkpoint(workdir / "shared.ckpt")
+    error = fails_at_once(monkeypatch, capsys, "test", "--ckpt_path", str(checkpoint))
+    assert "evil_module.Evil" in error and "not loaded" in error
+    assert not (workdir / "IMPORTED").exists() and not (workdir / "INSTANTIATED").exists()
+
+
+def test_lightning_hyper_parameters_in_a_checkpoint_are_never_instantiated(workdir, monkeypatch, capsys):
+    checkpoint = workdir / "hparams.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "evil_module.Evil"}}, checkpoint)
+    fails_at_once(monkeypatch, capsys, "test", "--config", DEMO, "--ckpt_path", str(checkpoint),
+                  "--model.llm.path", str(workdir / "no-llm"))
+    assert not (workdir / "IMPORTED").exists()
+
+
+def test_a_class_the_user_names_is_theirs_to_trust(workdir):
+    from mit_lightning.config_safety import check_stored_config
+
+    stored = {"model": {"fusion": {"class_path": "evil_module.Evil"}}}
+    with pytest.raises(UserError):
+        check_stored_config(stored, workdir / "x.ckpt", ["test", "--ckpt_path", "x.ckpt"])
+    overlay = workdir / "mine.yaml"
+    overlay.write_text("model:\n  fusion:\n    class_path: evil_module.Evil\n")
+    check_stored_config(stored, workdir / "x.ckpt", ["test", "--config", str(overlay), "--ckpt_path", "x.ckpt"])
+    check_stored_config({"model": {"fusion": {"class_path": "mit_lightning.fusion.MiT"},
+                                   "optimizer": {"class_path": "torch.optim.AdamW"}}}, workdir / "x.ckpt", [])
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", "empty (0 bytes)"),
+    ("truncated", "truncated or corrupted"),
+    ("pickled object", "could run code, so it was refused"),
+])
+def test_broken_or_crafted_weight_files_end_in_one_line_naming_the_file(workdir, kind, expected):
+    path = workdir / "weights.pt"
+    if kind == "empty":
+        path.touch()
+    elif kind == "truncated":
+        torch.save({"weight": torch.ones(64, 64)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        torch.save({"weight": _Payload()}, path)
+    with pytest.raises(UserError) as error:
+        load_weights_file(path, "CLIP weights")
+    message = str(error.value)
+    assert str(path) in message and expected in message and "\n" not in message
+    assert "weights_only=False" not in message
+    assert not (workdir / "PICKLE_RAN").exists()
