@@ -251,6 +251,9 @@ class _ParseOnly(MiTCLI):
     def _set_seed(self) -> None:
         """Parsing only: leave the global RNG alone."""
 
+    def before_instantiate_classes(self) -> None:
+        """No run folder or checkpoint is touched: the caller only wants the parsed config."""
+
     def instantiate_classes(self) -> None:
         """Nothing is built: the caller only wants the parsed config."""
 
