@@ -126,8 +126,11 @@ class ReferringSegmentation(TaskHead):
 
     def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = batch["mask"]
-        if not isinstance(target, torch.Tensor):
-            raise UserError("Training needs masks of one size: keep data.eval_at_original_size for evaluation only.")
+        if not isinstance(target, torch.Tensor):  # masks at their images' sizes: each sample's loss at its own size
+            return torch.stack([self._loss(logits[None], mask[None]) for logits, mask in zip(output, target)]).mean()
+        return self._loss(output, target)
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(output.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         if self.loss_name == "ce":
             return F.cross_entropy(logits, target.long())
