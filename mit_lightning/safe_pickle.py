@@ -7,7 +7,7 @@ classes — is refused before it is called.
 
 What a pickle can make us allocate is bounded by its own size: every allowed constructor builds
 its object from data carried in the file. `bytearray(n)` (n zero bytes from one small number) is
-therefore not admitted. numpy arrays are rebuilt only the way numpy writes them — an empty array
+therefore not admitted, and of the codecs only the latin-1 encoding Python 3 writes bytes with. numpy arrays are rebuilt only the way numpy writes them — an empty array
 whose `__setstate__` then receives the contents — and that state is checked before numpy sees it:
 raw bytes must be exactly as many as the shape needs, an object array's list exactly as long
 (numpy itself reads past a short list), and dtypes must be plain (no structured or sub-array
@@ -26,21 +26,35 @@ import numpy as np
 
 from mit_lightning.errors import UserError
 
+class UnsafePickleError(UserError):
+    """The pickle asked for something other than plain data."""
+
+
+class _Refused(Exception):
+    """Raised inside unpickling by the checked constructors; the message completes "the file ..."."""
+
+
+def _latin1_bytes(text: Any, encoding: Any) -> bytes:
+    """How Python 3 writes `bytes` at pickle protocols 0-2: ``_codecs.encode(text, "latin1")``; no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"asks for the codec call encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin-1")
+
+
+def _empty_bytes() -> bytes:
+    """How Python 3 writes ``b""`` at pickle protocols 0-2; `bytes(n)` itself would allocate n bytes."""
+    return b""
+
+
 _PLAIN: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
     ("__builtin__", "set"): set,
     ("__builtin__", "frozenset"): frozenset,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
 }
-
-
-class UnsafePickleError(UserError):
-    """The pickle asked for something other than plain data."""
-
-
-class _Refused(Exception):
-    """Raised inside unpickling by the checked numpy constructors; the message completes "the file ..."."""
 
 
 #: stands for `numpy.ndarray` in a pickle: accepted by `_reconstruct`, not callable itself
