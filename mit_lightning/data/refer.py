@@ -180,13 +180,15 @@ def referred_objects(refs: Iterable[Ref], images: Mapping[int, Record], annotati
             continue
         try:
             file_name, height, width = image["file_name"], int(image["height"]), int(image["width"])
+            segmentation = annotation["segmentation"]
         except (KeyError, TypeError, ValueError) as error:
-            raise UserError(f"Image {ref['image_id']} in the instances.json beside '{source}' lacks a valid "
-                            f"file_name, height or width ({error!r}). Re-download the dataset.") from error
+            raise UserError(f"Image {ref['image_id']} / annotation {ref['ann_id']} of ref {ref['ref_id']} in the "
+                            f"instances.json beside '{source}' lack a valid file_name, height, width or segmentation "
+                            f"({error!r}). Re-download the dataset.") from error
         objects.append(ReferredObject(
             ref_id=int(ref["ref_id"]),
             image_path=str(image_dir / file_name),
-            mask=segmentation_to_rle(annotation["segmentation"], height, width),
+            mask=segmentation_to_rle(segmentation, height, width),
             sentences=sentences,
         ))
     return objects
