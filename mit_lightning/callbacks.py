@@ -1,14 +1,15 @@
 """What `mit predict` writes: one JSON line per sample, and mask overlays for segmentation.
 
-Written batch by batch, so predicting a whole split never holds its outputs in memory.
-Masks are drawn at the original image size over the original image (prediction in red),
-with the binary mask saved beside it.
+Written batch by batch, so predicting a whole split never holds its outputs in memory. A
+segmentation mask is saved exactly as the test scores it, and drawn over the original image
+(prediction in red). A folder that already holds predictions is never appended to.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +19,64 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from mit_lightning.data.images import load_rgb
+from mit_lightning.errors import UserError
 
 OVERLAY_COLOUR = np.array([230, 25, 25], dtype=np.float32)
+#: what a prediction folder holds once written
+OUTPUTS = ("predictions.rank*.jsonl", "masks", "overlays")
 
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "sample"
 
 
-def mask_at_size(probability: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """uint8 probability (h, w) → boolean mask (H, W), bilinear like the evaluation."""
-    resized = torch.nn.functional.interpolate(
-        probability[None, None].float() / 255.0, size=(height, width), mode="bilinear", align_corners=False
-    )
-    return (resized[0, 0] > 0.5).numpy()
-
-
 def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The mask in red over the image; a mask of another size is stretched to the image (nearest neighbour)."""
+    if mask.shape != (image.height, image.width):
+        mask = np.asarray(Image.fromarray(mask).resize((image.width, image.height), Image.Resampling.NEAREST))
     pixels = np.asarray(image, dtype=np.float32).copy()
     pixels[mask] = (1 - alpha) * pixels[mask] + alpha * OVERLAY_COLOUR
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
+def _plain(value: Any) -> Any:
+    """One sample's value as JSON: tensors become numbers or lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else [round(v, 6) for v in value.float().tolist()]
+    return value
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes `predictions.jsonl` (and `masks/`, `overlays/` for segmentation) into `output_dir`.
+    """Writes `predictions.rank<N>.jsonl` (and `masks/`, `overlays/` for segmentation) into `output_dir`.
+
+    Each row carries what joins it back to the data (split, index, ref_id/sent_id or id, image path),
+    the prompt the model read, the true label where known, and the prediction. Segmentation masks
+    are saved exactly as the test scores them (same size, same decision rule); the overlay shows the
+    mask over the original image.
 
     Args:
         output_dir: where to write; the run directory's `predictions/` when left unset by the CLI.
         class_names: names for classification outputs (from the data module when available).
+        overwrite: replace predictions already in `output_dir`; otherwise such a folder is refused.
     """
 
-    def __init__(self, output_dir: str, class_names: list[str] | None = None) -> None:
+    def __init__(self, output_dir: str, class_names: list[str] | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.class_names = class_names
+        self.overwrite = overwrite
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
+        earlier = [path for pattern in OUTPUTS for path in self.output_dir.glob(pattern)]
+        if earlier and trainer.is_global_zero:
+            if not self.overwrite:
+                raise UserError(f"'{self.output_dir}' already holds predictions ({earlier[0].name}, ...). Write them "
+                                "elsewhere, or set the writer's overwrite: true to replace them.")
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        trainer.strategy.barrier("PredictionWriter.setup")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.class_names is None:
             spec = getattr(trainer.datamodule, "spec", None)
@@ -72,30 +93,26 @@ class PredictionWriter(BasePredictionWriter):
                 file.write(json.dumps(row) + "\n")
 
     def _row(self, prediction: dict[str, Any], position: int, split: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"split": split, "index": int(prediction["index"][position])}
-        for key in ("image_path", "sentence", "text", "id"):
-            values = prediction.get(key)
-            if values is not None:
-                row[key] = values[position]
-        if "mask_probability" in prediction:
-            row.update(self._write_mask(prediction["mask_probability"][position], row, split))
-        if "prediction" in prediction:
-            value = prediction["prediction"][position].item()
-            row["prediction"] = value
-            if self.class_names and isinstance(value, int):
-                row["class_name"] = self.class_names[value]
+        row: dict[str, Any] = {"split": split}
+        for key, values in prediction.items():
+            if key not in ("mask", "probability"):
+                row[key] = _plain(values[position])
+        if "mask" in prediction:
+            row.update(self._write_mask(prediction["mask"][position].numpy(), row, split))
         if "probability" in prediction:
-            row["probabilities"] = [round(p, 6) for p in prediction["probability"][position].tolist()]
+            row["probabilities"] = _plain(prediction["probability"][position])
+        if self.class_names:
+            for key in ("prediction", "label"):
+                if isinstance(row.get(key), int):
+                    row[f"{key}_name"] = self.class_names[row[key]]
         return row
 
-    def _write_mask(self, probability: torch.Tensor, row: dict[str, Any], split: str) -> dict[str, str]:
-        image = load_rgb(row["image_path"])
-        mask = mask_at_size(probability, image.height, image.width)
+    def _write_mask(self, mask: np.ndarray, row: dict[str, Any], split: str) -> dict[str, str]:
         name = f"{split}_{row['index']:06d}_{_slug(row.get('sentence', ''))}.png"
         mask_path = self.output_dir / "masks" / name
         overlay_path = self.output_dir / "overlays" / name
         mask_path.parent.mkdir(exist_ok=True)
         overlay_path.parent.mkdir(exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(image, mask).save(overlay_path)
+        overlay(load_rgb(row["image_path"]), mask).save(overlay_path)
         return {"mask": str(mask_path), "overlay": str(overlay_path)}

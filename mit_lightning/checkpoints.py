@@ -17,6 +17,23 @@ import torch
 from mit_lightning.errors import UserError
 
 
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+#: what torch, safetensors and the libraries calling them raise for a file that is not a complete weight file
+WEIGHT_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, _safetensors_error())
+
+
+def is_broken_file(error: BaseException) -> bool:
+    """Whether an error raised while loading weights says the file itself is broken (not, e.g., out of memory)."""
+    if isinstance(error, RuntimeError):
+        return "PytorchStreamReader" in str(error)
+    return isinstance(error, WEIGHT_FILE_ERRORS)
+
+
 def unreadable_weights(path: str | Path, what: str, error: BaseException) -> UserError:
     """The one-line error for a weight file torch could not read, by what went wrong."""
     path = Path(path)
@@ -26,7 +43,7 @@ def unreadable_weights(path: str | Path, what: str, error: BaseException) -> Use
     elif isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
         reason = ("it holds pickled Python objects besides tensors and plain data, which could run code, so it was "
                   "refused. Only load files from a source you trust, written by the tool that made them")
-    elif isinstance(error, (EOFError, zipfile.BadZipFile)) or "PytorchStreamReader" in str(error):
+    elif isinstance(error, (EOFError, zipfile.BadZipFile, _safetensors_error())) or "PytorchStreamReader" in str(error):
         reason = f"it is truncated or corrupted ({size:,} bytes). Use a complete copy"
     else:
         reason = (f"it is not a readable torch file ({type(error).__name__}: {str(error).splitlines()[0][:120]}). "
@@ -41,5 +58,5 @@ def load_weights_file(path: str | Path, what: str = "checkpoint") -> Any:
         raise UserError(f"The {what} '{path}' does not exist (or is not a file).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except (*WEIGHT_FILE_ERRORS, ValueError, OSError) as error:
         raise unreadable_weights(path, what, error) from None

@@ -81,7 +81,12 @@ class MiTCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Settle the checkpoint and the run folder before the model is built (minutes for a 7B LLM)."""
+        """Settle the checkpoint and the run folder before the model is built (minutes for a 7B LLM).
+
+        Without a subcommand (``run=False``: used from Python, or parsing only) there is neither yet.
+        """
+        if self.subcommand is None:
+            return
         config = self.config[self.subcommand]
         check_writable(config.trainer)
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
@@ -250,9 +255,6 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
 class _ParseOnly(MiTCLI):
     def _set_seed(self) -> None:
         """Parsing only: leave the global RNG alone."""
-
-    def before_instantiate_classes(self) -> None:
-        """No run folder or checkpoint is touched: the caller only wants the parsed config."""
 
     def instantiate_classes(self) -> None:
         """Nothing is built: the caller only wants the parsed config."""

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from mit_lightning.backbones.fingerprint import check_same_backbones, llm_fingerprint, vision_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
@@ -30,6 +31,8 @@ from mit_lightning.heads.base import TaskHead
 
 log = logging.getLogger(__name__)
 
+#: the checkpoint entry recording which frozen backbones the weights were trained on
+BACKBONES_ENTRY = "mit_backbones"
 #: submodules holding frozen weights: never trained, never saved
 FROZEN_SUBMODULES = ("llm", "vision")
 
@@ -57,6 +60,9 @@ class SequenceEncoderConfig:
 
 
 STAGE_PREFIX = {"validate": "val", "test": "test"}
+#: batch keys every prediction row carries, to join it back to its dataset: ids, the text the model read, the
+#: true label where the data has one (segmentation's ground truth is the mask, summarised by the row's IoU)
+PREDICTION_PASSTHROUGH = ("index", "ref_id", "sent_id", "id", "image_path", "sentence", "text", "prompt", "label")
 
 
 class MiTModule(L.LightningModule):
@@ -71,6 +77,8 @@ class MiTModule(L.LightningModule):
         sequence_encoder: settings of those encoders.
         optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper).
         lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper).
+        allow_other_backbones: use a checkpoint on frozen backbones other than those it was trained on
+            (refused by default: checkpoints record which LLM and CLIP they were trained on).
     """
 
     def __init__(
@@ -83,12 +91,15 @@ class MiTModule(L.LightningModule):
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        allow_other_backbones: bool = False,
     ) -> None:
         super().__init__()
         self.llm_config = llm
         self.vision_config = vision
         self.sequence_modalities = list(sequence_modalities or [])
         self.sequence_encoder_config = sequence_encoder
+        self.allow_other_backbones = allow_other_backbones
+        self.backbones: dict[str, Any] = {}
         self.fusion_factory = fusion
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
@@ -148,6 +159,7 @@ class MiTModule(L.LightningModule):
             )
         self.llm = FrozenLLM(self.llm_config)
         self.vision = FrozenCLIP(self.vision_config) if self.vision_config else None
+        self.backbones = {"llm": llm_fingerprint(self.llm_config), "vision": vision_fingerprint(self.vision_config)}
         encoder = self.sequence_encoder_config
         self.sequence_encoders = nn.ModuleDict(
             {
@@ -238,7 +250,8 @@ class MiTModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         if not self._take_skipped(batch):
             return None
-        return self.head.predict(self(batch), batch)
+        passed = {key: batch[key] for key in PREDICTION_PASSTHROUGH if key in batch}
+        return {**passed, **self.head.predict(self(batch), batch)}
 
     # --- epoch ends -----------------------------------------------------------------------------
     @staticmethod
@@ -301,6 +314,7 @@ class MiTModule(L.LightningModule):
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k)}
+        checkpoint[BACKBONES_ENTRY] = self.backbones
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits this model before Lightning loads it non-strictly.
@@ -308,6 +322,8 @@ class MiTModule(L.LightningModule):
         FSDP loads the weights itself before this hook and takes them out of `checkpoint`: then there
         is nothing left to check here (torch still refuses weights of another shape).
         """
+        if BACKBONES_ENTRY in checkpoint and not self.allow_other_backbones:
+            check_same_backbones(checkpoint[BACKBONES_ENTRY], self.backbones, "The checkpoint")
         if "state_dict" not in checkpoint:
             return
         saved = checkpoint["state_dict"]

@@ -141,3 +141,60 @@ def test_a_loaded_tower_of_another_shape_than_its_name_is_refused(monkeypatch):
     monkeypatch.setattr(FrozenCLIP, "_load", lambda self: other)
     with pytest.raises(UserError, match="Set model.vision.name"):
         FrozenCLIP(VisionConfig(name="tiny", dtype="float32"))
+
+
+def test_an_llm_fingerprint_follows_the_files_not_their_folder(llama_folder, tmp_path):
+    import shutil
+
+    from mit_lightning.backbones.fingerprint import llm_fingerprint
+
+    llama_folder, _ = llama_folder
+    original = llm_fingerprint(LLMConfig(path=str(llama_folder)))
+    assert original["path"] == str(llama_folder.resolve())
+    assert original["fingerprint"]["weights"] and len(original["fingerprint"]["config_sha256"]) == 16
+    moved = shutil.copytree(llama_folder, tmp_path / "elsewhere")
+    assert llm_fingerprint(LLMConfig(path=str(moved)))["fingerprint"] == original["fingerprint"]
+    config = moved / "config.json"
+    config.write_text(config.read_text().replace("{", '{"rope_theta": 123.0,', 1))
+    assert llm_fingerprint(LLMConfig(path=str(moved)))["fingerprint"] != original["fingerprint"]
+
+
+class _PickledCall:
+    def __reduce__(self):
+        return (print, ("code from a weight file ran",))
+
+
+def break_weights(path, kind: str, state_dict: dict) -> None:
+    """Write `path` as an empty, truncated or object-carrying weight file."""
+    if kind == "pickled object":
+        torch.save({**state_dict, "extra": _PickledCall()}, path)
+    else:
+        torch.save(state_dict, path)
+        path.write_bytes(b"" if kind == "empty" else path.read_bytes()[:3000])
+
+
+BROKEN = [("empty", "empty (0 bytes)"), ("truncated", "truncated or corrupted"),
+          ("pickled object", "could run code, so it was refused")]
+
+
+@pytest.mark.parametrize("kind, expected", BROKEN)
+def test_broken_clip_weights_are_one_line_naming_the_file(clip_checkpoint, tmp_path, kind, expected):
+    path, model = clip_checkpoint
+    broken = tmp_path / "broken.pt"
+    break_weights(broken, kind, model.state_dict())
+    with pytest.raises(UserError) as error:
+        FrozenCLIP(VisionConfig(name="mit-test-vit", weights=str(broken), dtype="float32"))
+    assert str(broken) in str(error.value) and expected in str(error.value)
+
+
+@pytest.mark.parametrize("kind, expected", BROKEN)
+def test_broken_llm_weights_are_one_line_naming_the_file(llama_folder, tmp_path, kind, expected):
+    import shutil
+
+    folder, preset = llama_folder
+    copy = shutil.copytree(folder, tmp_path / "llm")
+    (copy / "model.safetensors").unlink()
+    break_weights(copy / "pytorch_model.bin", kind, preset.model.state_dict())
+    with pytest.raises(UserError) as error:
+        FrozenLLM(LLMConfig(path=str(copy), dtype="float32"))
+    assert str(copy / "pytorch_model.bin") in str(error.value) and expected in str(error.value)

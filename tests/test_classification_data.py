@@ -16,7 +16,8 @@ from classification_fixtures import (
     write_food101,
     write_snli_ve,
 )
-from mit_lightning.data.classification import UnreadableImage
+from mit_lightning.data.base import collate
+from mit_lightning.data.images import UnreadableImage
 from mit_lightning.data.food101 import Food101DataModule, read_titles_csv, stratified_sample
 from mit_lightning.data.snli_ve import LABELS, SNLIVEDataModule
 from mit_lightning.errors import UserError
@@ -72,7 +73,7 @@ def test_food101_items_class_ids_and_spec(food: Fixture) -> None:
     module.setup("fit")
     assert module.spec.class_names == ["apple_pie", "beignets", "churros"]  # sorted, from train
     assert module.spec.num_classes == 3
-    items = [module.datasets["train"][i] for i in range(len(module.datasets["train"]))]
+    items = [module.train_dataset[i] for i in range(len(module.train_dataset))]
     assert [item["index"] for item in items] == list(range(len(items)))
     for item in items:
         assert set(item) == {"prompt", "index", "image", "label", "text", "image_path"}
@@ -100,7 +101,7 @@ def test_food101_val_split_is_stratified_saved_and_reused(food: Fixture) -> None
     assert path.is_file()
     first = path.read_text()
     module.setup("fit")
-    train, val = module.datasets["train"], module.datasets["val"]
+    train, val = module.train_dataset, module.datasets["val"]
     val_classes = Counter(Path(record.image_path).parent.name for record in val.records)
     assert val_classes == {"apple_pie": 2, "beignets": 1, "churros": 1}  # a quarter of 8/4/4
     train_files = {Path(record.image_path).name for record in train.records}
@@ -147,7 +148,8 @@ def test_food101_missing_image_is_excluded_and_logged_once(food: Fixture, caplog
         module.setup("test")
     lines = [record.getMessage() for record in caplog.records if "missing" in record.getMessage()]
     assert len(lines) == 1
-    assert "UPMC-Food101 test: 1 of 8 samples" in lines[0] and str(food.missing[0]) in lines[0]
+    assert "UPMC-Food101 test: samples whose image file is missing: 1 excluded" in lines[0]
+    assert str(food.missing[0]) in lines[0]
     paths = [record.image_path for record in module.datasets["test"].records]
     assert str(food.missing[0]) not in paths and str(food.corrupt[0]) in paths
 
@@ -175,7 +177,7 @@ def test_a_batch_of_only_unreadable_images_is_empty_but_reports_them(food: Fixtu
     assert empty[0]["prompt"] == [] and empty[0]["skipped"] == [str(food.corrupt[0])]
     assert empty[0]["index"].dtype == torch.long
     assert all(batch["skipped"] == [] for batch in batches if batch["index"].numel())
-    assert module.collate([UnreadableImage("a.jpg"), UnreadableImage("b.jpg")])["skipped"] == ["a.jpg", "b.jpg"]
+    assert collate([UnreadableImage("a.jpg"), UnreadableImage("b.jpg")])["skipped"] == ["a.jpg", "b.jpg"]
 
 
 def test_food101_missing_files_are_each_named(food: Fixture) -> None:
@@ -201,7 +203,7 @@ def test_missing_root_unknown_split_and_bad_template_are_user_errors(food: Fixtu
         food_module(food, prompt_template="Classify the food. #Classification:")
     braces = food_module(food, prompt_template="{kind}: {text}", test_splits=())
     braces.setup("fit")
-    assert braces.datasets["train"][0]["prompt"] == f"{{kind}}: {braces.datasets['train'][0]['text']}"
+    assert braces.train_dataset[0]["prompt"] == f"{{kind}}: {braces.train_dataset[0]['text']}"
 
 
 def test_image_size_comes_from_the_model_when_unset(food: Fixture) -> None:
@@ -215,7 +217,7 @@ def test_snli_ve_labels_text_and_images(snli: Fixture) -> None:
     module.setup("fit")
     assert module.spec.class_names == ["entailment", "neutral", "contradiction"] == list(LABELS)
     assert module.spec.num_classes == 3
-    train = module.datasets["train"]
+    train = module.train_dataset
     items = [train[i] for i in range(len(train))]
     assert [(Path(item["image_path"]).stem, item["text"], LABELS[item["label"]]) for item in items] == \
         snli.rows["train"]
@@ -242,7 +244,7 @@ def test_snli_ve_missing_and_corrupt_images(snli: Fixture, caplog: pytest.LogCap
     module = SNLIVEDataModule(root=str(snli.root), image_size=IMAGE_SIZE, num_workers=2, eval_batch_size=2)
     with caplog.at_level(logging.WARNING):
         module.setup("test")
-    assert any("SNLI-VE test: 1 of 4 samples excluded" in record.getMessage() and str(snli.missing[0])
+    assert any("SNLI-VE test: samples whose image file is missing: 1 excluded" in record.getMessage() and str(snli.missing[0])
                in record.getMessage() for record in caplog.records)
     indices, skipped, _ = epoch(module, module.test_dataloader()[0])
     assert skipped == [str(snli.corrupt[0])] and sorted(indices) == [0, 1]

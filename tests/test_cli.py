@@ -95,6 +95,19 @@ def test_a_checkpoint_of_another_model_is_refused_clearly(trained, capsys, monke
     assert "does not fit this model" in capsys.readouterr().err
 
 
+def test_a_checkpoint_records_its_backbones_and_refuses_others_unless_told(trained, capsys, monkeypatch):
+    _, _, checkpoint, _ = trained
+    recorded = torch.load(checkpoint, map_location="cpu", weights_only=True)["mit_backbones"]
+    assert recorded["llm"] == {"path": "tiny", "fingerprint": {"preset": "tiny", "seed": 0}}
+    assert recorded["vision"]["fingerprint"] == {"name": "tiny", "random_seed": 0}
+    other_llm = ["--ckpt_path", str(checkpoint), "--model.llm.seed", "1", "--trainer.enable_progress_bar", "false"]
+    error = fails_at_once(monkeypatch, capsys, "test", *other_llm)
+    assert "trained on other frozen backbones" in error and "LLM: trained on tiny" in error
+    assert "vision tower" not in error  # only what differs is named
+    cli = cli_main(["test", *other_llm, "--model.allow_other_backbones", "true"])
+    assert (Path(cli.trainer.log_dir) / "test_metrics.json").is_file()
+
+
 def test_missing_data_root_is_one_clear_message(monkeypatch, capsys, tmp_path):
     error = fails_at_once(
         monkeypatch, capsys, "fit", "--config", str(Path(DEMO).parent / "refcoco.yaml"),
@@ -133,21 +146,32 @@ def test_print_config_shows_the_whole_run(capsys, tmp_path):
     assert "class_path: mit_lightning.fusion.MiT" in printed and "lr: 0.001" in printed
 
 
-def test_predict_writes_one_row_and_one_overlay_per_sample(trained):
-    _, _, checkpoint, _ = trained
+def test_predict_writes_the_masks_the_test_scored_with_the_ids_to_join_them(trained, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    _, _, checkpoint, fit_metrics = trained
     cli = cli_main(["predict", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
     output = Path(cli.trainer.log_dir) / "predictions"
     rows = [json.loads(line) for line in (output / "predictions.rank0.jsonl").read_text().splitlines()]
-    expected = len(cli.datamodule.datasets["test"])
-    assert sorted(row["index"] for row in rows) == list(range(expected))
-    from PIL import Image
-
-    for row in rows[:3]:
-        image = Image.open(row["image_path"])
-        mask = Image.open(row["mask"])
-        assert mask.size == image.size  # drawn at the original image size
-        assert Image.open(row["overlay"]).size == image.size
-        assert row["sentence"]
+    dataset = cli.datamodule.datasets["test"]
+    assert sorted(row["index"] for row in rows) == list(range(len(dataset)))
+    intersection = union = 0
+    for row in rows:
+        sample = dataset[row["index"]]
+        assert (row["ref_id"], row["sent_id"], row["prompt"]) == (sample["ref_id"], sample["sent_id"], sample["prompt"])
+        mask = np.asarray(Image.open(row["mask"])) > 0
+        target = sample["mask"].numpy().astype(bool)
+        assert mask.shape == target.shape  # saved at the size the test scores
+        intersection += int((mask & target).sum())
+        union += int((mask | target).sum())
+        assert Image.open(row["overlay"]).size == Image.open(row["image_path"]).size
+    assert intersection / union == pytest.approx(fit_metrics["test/test/oIoU"], abs=1e-6)  # the very masks tested
+    assert np.mean([row["iou"] for row in rows]) == pytest.approx(fit_metrics["test/test/mIoU"], abs=1e-6)
+    writer = f"--trainer.callbacks+={{class_path: mit_lightning.callbacks.PredictionWriter, init_args: {{output_dir: {output}}}}}"
+    error = fails_at_once(monkeypatch, capsys, "predict", "--ckpt_path", str(checkpoint), writer)
+    assert "already holds predictions" in error  # never appended to
+    assert len((output / "predictions.rank0.jsonl").read_text().splitlines()) == len(rows)
 
 
 def test_validate_evaluates_a_checkpoint_on_the_validation_split(trained):

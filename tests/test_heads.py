@@ -151,4 +151,4 @@ def test_sentiment_metrics_and_predictions():
     scores = metrics.compute()
     assert scores["MAE"].item() == pytest.approx((0.4 + 0.2 + 0.2 + 1.1) / 4, rel=1e-6)
     assert scores["Acc2_has0"].item() == pytest.approx(0.75)  # 1.0 vs -0.1 is the only sign error
-    assert head.predict(output, batch)["id"] == ["a", "b", "c", "d"]
+    torch.testing.assert_close(head.predict(output, batch)["prediction"], output)

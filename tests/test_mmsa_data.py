@@ -29,7 +29,8 @@ def test_aligned_items_follow_the_batch_contract(tmp_path):
     data = write_mmsa(tmp_path)
     module = build(tmp_path)
     module.setup("test")
-    assert {split: len(module.datasets[split]) for split in SIZES} == SIZES
+    served = {"train": len(module.train_dataset), **{split: len(module.datasets[split]) for split in ("valid", "test")}}
+    assert served == SIZES
     assert module.spec.sequence_dims == {"audio": 5, "facial": 20}
 
     item = module.datasets["valid"][1]
@@ -64,7 +65,7 @@ def test_non_finite_features_are_zeroed_and_counted(tmp_path, caplog):
                      "train facial: replaced 1 non-finite values by 0 (0 -inf, 0 +inf, 1 NaN)"):
         assert any(expected in line for line in lines), lines
     assert len([line for line in lines if "non-finite" in line]) == 3 * 2  # one per split and modality
-    train = module.datasets["train"]
+    train = module.train_dataset
     assert all(torch.isfinite(train[i][name]).all() for i in range(len(train)) for name in ("audio", "facial"))
     assert train[0]["audio"][0, :2].tolist() == [0.0, 0.0]
     assert train[0]["facial"][0, 0].item() == 0.0

@@ -53,7 +53,7 @@ def test_evaluation_serves_every_sentence_of_every_ref(fixture):
 def test_training_one_per_ref_draws_a_random_sentence_of_that_ref(fixture):
     data = make(fixture.root)
     data.setup("fit")
-    train = data.datasets["train"]
+    train = data.train_dataset
     train_refs = [record for record in refs_records() if record["split"] == "train"]
     assert len(train) == len(train_refs)
     loader = data.train_dataloader()
@@ -73,7 +73,7 @@ def test_training_one_per_ref_draws_a_random_sentence_of_that_ref(fixture):
 def test_training_all_serves_every_sentence(fixture):
     data = make(fixture.root, train_sentences="all")
     data.setup("fit")
-    served = items(data.datasets["train"])
+    served = items(data.train_dataset)
     assert sorted((item["ref_id"], item["sent_id"]) for item in served) == sorted(samples_by_split()["train"])
 
 
@@ -123,7 +123,7 @@ def test_mask_is_the_union_of_overlapping_parts_at_original_size(fixture):
         np.testing.assert_array_equal(item["mask"].numpy(), rectangles_mask(rectangles, height, width))
         assert int(item["mask"].sum()) == AREAS[ann_of_ref(item["ref_id"])]
     # training targets stay square even when evaluation uses original sizes
-    assert data.datasets["train"][0]["mask"].shape == (24, 24)
+    assert data.train_dataset[0]["mask"].shape == (24, 24)
 
 
 def test_masks_are_resized_nearest_neighbour(fixture):

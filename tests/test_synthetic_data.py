@@ -50,9 +50,9 @@ def test_loads_through_refcoco_module_with_masks_on_the_named_objects(generated)
     data.setup("fit")
     data.setup("test")
     refs = pickle.loads((generated / "refcoco" / "refs(unc).p").read_bytes())
-    for split in ("train", "val", "test"):
-        assert len(data.datasets[split]) == (sum(len(r["sentences"]) for r in refs if r["split"] == split)
-                                             if split != "train" else sum(r["split"] == "train" for r in refs))
+    assert len(data.train_dataset) == sum(r["split"] == "train" for r in refs)
+    for split in ("val", "test"):
+        assert len(data.datasets[split]) == sum(len(r["sentences"]) for r in refs if r["split"] == split)
     sentences_by_image: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for split in ("val", "test"):
         dataset = data.datasets[split]

@@ -7,6 +7,7 @@ Only the base model is loaded (no LM head): MiT reads hidden states, never logit
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,13 @@ import torch
 from torch import nn
 
 from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
+from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
+from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
 from mit_lightning.errors import UserError, expand_env
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: a HuggingFace tokenizer is saved as one of these (LLaMA-2/Mistral: tokenizer.model; Qwen2: vocab.json + merges.txt)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -69,6 +74,9 @@ class LLMConfig:
             raise UserError(f"LLM weights not found: expected a model folder at '{path}'. {hint}")
         if not (path / "config.json").is_file():
             raise UserError(f"LLM folder '{path}' has no config.json, so it is not a HuggingFace model folder. {hint}")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"LLM folder '{path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Copy the "
+                            "tokenizer files of the model's download into it.")
         return path
 
     def hf_config(self):
@@ -77,7 +85,28 @@ class LLMConfig:
             return preset_llm_config(self.preset, len(tiny_tokenizer()))
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.local_path(), local_files_only=True)
+        path = self.local_path()
+        _check_config_json(path / "config.json")
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise UserError(f"Cannot read the model config '{path / 'config.json'}': {_first_line(error)} "
+                            "Restore the model's original config.json.") from error
+
+
+def _check_config_json(file: Path) -> None:
+    """The two ways a hand-edited config.json usually breaks, named before transformers reports them at length."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"'{file}' is not valid JSON ({error}). Restore the model's original config.json.") from error
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"'{file}' has no model_type, so it does not say which architecture it describes (e.g. "
+                        "\"llama\"). Restore the model's original config.json.")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -141,7 +170,12 @@ class FrozenLLM(nn.Module):
         else:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.config.local_path(), local_files_only=True)
+            path = self.config.local_path()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as error:
+                raise UserError(f"Cannot load the tokenizer of '{path}': {_first_line(error)} Copy the tokenizer "
+                                "files of the model's download into it.") from error
         _set_pad_token(tokenizer)
         tokenizer.padding_side = self.config.padding_side
         tokenizer.truncation_side = "left"
@@ -156,9 +190,16 @@ class FrozenLLM(nn.Module):
                 return AutoModel.from_config(
                     self.config.hf_config(), dtype=dtype, attn_implementation=self.config.attention
                 )
-        return AutoModel.from_pretrained(
-            self.config.local_path(), dtype=dtype, attn_implementation=self.config.attention, local_files_only=True
-        )
+        folder = self.config.local_path()
+        try:
+            return AutoModel.from_pretrained(
+                folder, dtype=dtype, attn_implementation=self.config.attention, local_files_only=True
+            )
+        except WEIGHT_FILE_ERRORS as error:
+            if not is_broken_file(error):
+                raise
+            weights = [path for path in sorted(folder.iterdir()) if path.suffix in WEIGHT_SUFFIXES]
+            raise unreadable_weights(weights[0] if len(weights) == 1 else folder, "LLM weights", error) from None
 
     def train(self, mode: bool = True) -> "FrozenLLM":
         """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train()).

@@ -17,6 +17,7 @@ from torch import nn
 
 from mit_lightning.backbones.llm import torch_dtype
 from mit_lightning.backbones.presets import TINY_CLIP, seeded_init
+from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
 from mit_lightning.errors import UserError, expand_env
 
 
@@ -141,9 +142,11 @@ class FrozenCLIP(nn.Module):
                     self.config.name, pretrained=str(path) if path else None, force_quick_gelu=self.config.quick_gelu,
                     device=torch.get_default_device(),  # where Lightning builds the model (its device context)
                 )
-            except (RuntimeError, AssertionError, KeyError, ValueError) as error:
+            except (*WEIGHT_FILE_ERRORS, AssertionError, KeyError, ValueError) as error:
                 if path is None:
                     raise
+                if is_broken_file(error):
+                    raise unreadable_weights(path, "CLIP weights", error) from None
                 raise UserError(
                     f"The CLIP weights '{path}' do not fit the architecture model.vision.name='{self.config.name}'. "
                     f"Set the name of the architecture they were trained with ({str(error).splitlines()[0] if str(error) else type(error).__name__})."

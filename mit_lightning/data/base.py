@@ -8,6 +8,11 @@ Batch contract (a dict, produced by `collate`):
 - ``image``: uint8 (B, 3, S, S) — resized to the vision tower's input size; normalised on device.
 - task targets: ``mask`` (segmentation), ``label`` (classification: long, sentiment: float).
 - sequence modalities: ``<name>`` float (B, T, D) and ``<name>_mask`` bool (B, T), True = real step.
+- ``skipped``: list[str] — paths of the samples dropped because their image could not be decoded
+  (always present, usually empty). When every sample of a batch was dropped, the batch is only
+  ``{"index": empty long tensor, "prompt": [], "skipped": [...]}`` and the model skips it.
+
+What happens with bad input is the same for every data module: see `mit_lightning.data.records`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mit_lightning.data.images import UnreadableImage
 from mit_lightning.data.sampling import EpochShuffle, ResumableLoader
 from mit_lightning.errors import UserError, existing_path
 
@@ -53,11 +59,18 @@ def fill_template(template: str, placeholder: str, text: str) -> str:
     return template.replace(placeholder, text)
 
 
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack what has one shape, keep lists of the rest (strings, masks at their original sizes)."""
+def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, Any]:
+    """Stack what has one shape, keep lists of the rest (strings, masks at their original sizes).
+
+    `UnreadableImage` markers are dropped and their paths listed in ``skipped``.
+    """
+    kept = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
+    skipped = [sample.path for sample in samples if isinstance(sample, UnreadableImage)]
+    if not kept:
+        return {"index": torch.empty(0, dtype=torch.long), "prompt": [], "skipped": skipped}
     batch: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [sample[key] for sample in samples]
+    for key in kept[0]:
+        values = [sample[key] for sample in kept]
         first = values[0]
         if isinstance(first, torch.Tensor):
             same_shape = all(value.shape == first.shape for value in values)
@@ -70,19 +83,28 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             batch[key] = torch.tensor(values, dtype=torch.float32)
         else:
             batch[key] = values
+    batch["skipped"] = skipped
     return batch
 
 
 class MiTDataModule(L.LightningDataModule):
-    """Base class: holds one dataset per split and serves them with the shared collate.
+    """Base class: reads each split once and serves it in its role, with the shared collate.
 
-    Subclasses implement `_build_datasets(splits)` returning {split name: Dataset} and, where the
-    model needs it, `_build_spec()`. Several validation/test splits become several dataloaders,
-    each with its own metrics (e.g. RefCOCO val, testA, testB).
+    A split has two roles. The *training* dataset (``train_dataset``) is what the training
+    dataloader serves, e.g. one random sentence per ref; the *evaluation* datasets (``datasets``,
+    by split name) are what validation, test and predict serve, e.g. every sentence. Evaluating on
+    the training split (``--data.val_splits '[train]'``) therefore serves it whole, like any other.
+
+    Subclasses implement `_read_splits(splits)` → {split name: records}, checked at setup and shared
+    by both roles, and `_make_dataset(split, records, training=...)`; where the model needs it,
+    `_build_spec()`. Several validation/test splits become several dataloaders, each with its own
+    metrics (e.g. RefCOCO val, testA, testB). A split without samples is an error at setup.
     """
 
     #: shown in the error when the data root is missing
     layout_hint = "See data/README.md for the expected layout."
+    #: how errors and log lines name the data
+    dataset_name = "dataset"
 
     def __init__(
         self,
@@ -102,19 +124,28 @@ class MiTDataModule(L.LightningDataModule):
         self.root = existing_path(root, "Data root", self.layout_hint, is_dir=True) if check_root else None
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise UserError(f"data.eval_batch_size must be at least 1, got {eval_batch_size}; "
+                            "leave it unset (null) to evaluate with data.batch_size.")
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.train_split = train_split
         self.val_splits = list(val_splits)
         self.test_splits = list(test_splits)
         self.predict_splits = list(predict_splits) if predict_splits is not None else list(self.test_splits)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.datasets: dict[str, Dataset] = {}
+        self.train_dataset: Dataset | None = None
+        self.datasets: dict[str, Dataset] = {}  # evaluation role, by split name
+        self._records: dict[str, Any] = {}
         self._spec: DataSpec | None = None
 
     # --- to implement -----------------------------------------------------------------------
-    def _build_datasets(self, splits: list[str]) -> dict[str, Dataset]:
+    def _read_splits(self, splits: list[str]) -> dict[str, Any]:
+        """{split: its records}, read and checked once whatever the roles the split is used in."""
+        raise NotImplementedError
+
+    def _make_dataset(self, split: str, records: Any, *, training: bool) -> Dataset:
         raise NotImplementedError
 
     def _build_spec(self) -> DataSpec:
@@ -122,15 +153,33 @@ class MiTDataModule(L.LightningDataModule):
 
     # --- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        wanted = {
-            "fit": [self.train_split, *self.val_splits],
-            "validate": self.val_splits,
-            "test": self.test_splits,
-            "predict": self.predict_splits,
+        setting, evaluated = {
+            "fit": ("data.val_splits", self.val_splits),
+            "validate": ("data.val_splits", self.val_splits),
+            "test": ("data.test_splits", self.test_splits),
+            "predict": ("data.predict_splits", self.predict_splits),
         }[stage]
-        missing = [split for split in wanted if split not in self.datasets]
-        self.datasets.update(self._build_datasets(missing) if missing else {})
+        training = [self.train_split] if stage == "fit" and self.train_dataset is None else []
+        evaluation = [split for split in dict.fromkeys(evaluated) if split not in self.datasets]
+        unread = [split for split in dict.fromkeys([*training, *evaluation]) if split not in self._records]
+        if unread:
+            self._records.update(self._read_splits(unread))
+        if training:
+            self.train_dataset = self._checked_dataset(self.train_split, "data.train_split", training=True)
+        for split in evaluation:
+            self.datasets[split] = self._checked_dataset(split, setting, training=False)
         self._spec = None
+
+    def _checked_dataset(self, split: str, setting: str, *, training: bool) -> Dataset:
+        """A split without samples fails here: it would otherwise train or evaluate on nothing and exit 0."""
+        dataset = self._make_dataset(split, self._records[split], training=training)
+        if len(dataset) == 0:
+            raise UserError(
+                f"The {self.dataset_name} split '{split}' ({setting}) has no samples, so there is nothing to "
+                f"{'train' if training else 'evaluate'} on. Check {setting} and the data files (samples excluded at "
+                f"setup are listed in the warnings above). {self.layout_hint}"
+            )
+        return dataset
 
     @property
     def spec(self) -> DataSpec:
@@ -164,8 +213,7 @@ class MiTDataModule(L.LightningDataModule):
             sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size)
         return sampler
 
-    def _loader(self, split: str, *, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -176,20 +224,17 @@ class MiTDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate,
+            collate_fn=collate,
         )
 
-    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, train=True)
+        return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(split, train=False) for split in self.val_splits]
+        return [self._loader(self.datasets[split], train=False) for split in self.val_splits]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(split, train=False) for split in self.test_splits]
+        return [self._loader(self.datasets[split], train=False) for split in self.test_splits]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [self._loader(split, train=False) for split in self.predict_splits]
+        return [self._loader(self.datasets[split], train=False) for split in self.predict_splits]

@@ -2,38 +2,31 @@
 
 A sample is one image, one text and one class id. The text is filled into a task prompt (the
 paper's Figure 3 style); the image is decoded in the worker into a square uint8 tensor. Bad
-images are handled in two places so that neither stops an epoch:
+input follows `mit_lightning.data.records`; images in particular are handled in two places so
+that neither stops an epoch:
 - a *missing* file is found at setup (one `os.stat` per distinct path), the sample is excluded
   and the split's count and first paths are logged once;
 - a file that exists but cannot be *decoded* is only found when loaded: the dataset returns an
-  `UnreadableImage` marker and `collate` drops it, listing its path in ``batch["skipped"]`` so
-  the LightningModule can count and report it.
+  `UnreadableImage` marker and the shared `collate` drops it, listing its path in
+  ``batch["skipped"]`` so the LightningModule can count and report it.
 
 Batch keys (on top of the contract in `mit_lightning.data.base`): ``label`` long (B,), ``text``
-and ``image_path`` list[str], and ``skipped`` list[str] (always present, often empty). When every
-sample of a batch was dropped, the batch is ``{"index": empty long tensor, "prompt": [],
-"skipped": [...]}`` and the model skips it.
+and ``image_path`` list[str].
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, collate, fill_template
-from mit_lightning.data.images import load_rgb, to_square_tensor
+from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, fill_template
+from mit_lightning.data.images import UnreadableImage, read_rgb, to_square_tensor
+from mit_lightning.data.records import SetupReport
 from mit_lightning.errors import UserError
-
-log = logging.getLogger(__name__)
-
-#: how many missing paths a log line names before it only counts
-PATHS_SHOWN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +36,6 @@ class ImageTextRecord:
     image_path: str
     text: str
     label: int
-
-
-class UnreadableImage(NamedTuple):
-    """Returned by the dataset in place of a sample whose image could not be decoded."""
-
-    path: str
 
 
 class ImageTextDataset(Dataset):
@@ -64,11 +51,9 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | UnreadableImage:
         record = self.records[index]
-        try:
-            image = load_rgb(record.image_path)
-        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for broken or truncated files
-            log.debug("Cannot decode %s: %s", record.image_path, error)
-            return UnreadableImage(record.image_path)
+        image = read_rgb(record.image_path)
+        if isinstance(image, UnreadableImage):
+            return image
         return {
             # plain substitution, not str.format: other braces in the template or the text stay as they are
             "prompt": fill_template(self.prompt_template, TEXT_PLACEHOLDER, record.text),
@@ -80,10 +65,10 @@ class ImageTextDataset(Dataset):
         }
 
 
-def drop_missing_images(records: Sequence[ImageTextRecord], description: str) -> list[ImageTextRecord]:
-    """Keep the records whose image file exists; log the excluded ones once for the split."""
+def drop_missing_images(records: Sequence[ImageTextRecord], report: SetupReport) -> list[ImageTextRecord]:
+    """Keep the records whose image file exists; note the excluded ones in `report`."""
     exists: dict[str, bool] = {}  # many samples share an image (SNLI-VE): stat each file once
-    kept, missing = [], []
+    kept = []
     for record in records:
         if record.image_path not in exists:
             try:
@@ -91,12 +76,10 @@ def drop_missing_images(records: Sequence[ImageTextRecord], description: str) ->
                 exists[record.image_path] = True
             except OSError:
                 exists[record.image_path] = False
-        (kept if exists[record.image_path] else missing).append(record)
-    if missing:
-        shown = ", ".join(record.image_path for record in missing[:PATHS_SHOWN])
-        more = ", ..." if len(missing) > PATHS_SHOWN else ""
-        log.warning("%s: %d of %d samples excluded because their image file is missing (%s%s).",
-                    description, len(missing), len(records), shown, more)
+        if exists[record.image_path]:
+            kept.append(record)
+        else:
+            report.exclude(record.image_path, "samples whose image file is missing")
     return kept
 
 
@@ -106,9 +89,6 @@ class ImageTextClassificationDataModule(MiTDataModule):
     Subclasses name their dataset, the files each split needs (`_required_paths`), read a split's
     records (`_read_records`) and give the class names (`class_names`).
     """
-
-    #: shown in log lines and errors
-    dataset_name = "dataset"
 
     def __init__(
         self,
@@ -138,7 +118,8 @@ class ImageTextClassificationDataModule(MiTDataModule):
         """{path: what it is} for the files and folders `split` is read from."""
         raise NotImplementedError
 
-    def _read_records(self, split: str) -> list[ImageTextRecord]:
+    def _read_records(self, split: str, report: SetupReport) -> list[ImageTextRecord]:
+        """The split's records; those without usable text are left out and noted in `report`."""
         raise NotImplementedError
 
     @property
@@ -161,25 +142,16 @@ class ImageTextClassificationDataModule(MiTDataModule):
             raise UserError(f"{self.dataset_name} data under '{self.root}' is incomplete; missing:\n{listing}\n"
                             f"{self.layout_hint}")
 
-    def _build_datasets(self, splits: list[str]) -> dict[str, ImageTextDataset]:
-        image_size = self.image_size or self.model_image_size()
-        datasets = {}
+    def _read_splits(self, splits: list[str]) -> dict[str, list[ImageTextRecord]]:
+        records = {}
         for split in splits:
-            records = drop_missing_images(self._read_records(split), f"{self.dataset_name} {split}")
-            datasets[split] = ImageTextDataset(records, self.prompt_template, image_size)
-        return datasets
+            report = SetupReport(f"{self.dataset_name} {split}")
+            records[split] = drop_missing_images(self._read_records(split, report), report)
+            report.log()
+        return records
+
+    def _make_dataset(self, split: str, records: list[ImageTextRecord], *, training: bool) -> ImageTextDataset:
+        return ImageTextDataset(records, self.prompt_template, self.image_size or self.model_image_size())
 
     def _build_spec(self) -> DataSpec:
         return DataSpec(num_classes=len(self.class_names), class_names=list(self.class_names))
-
-    def collate(self, samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, Any]:
-        """The shared collate over the decodable samples, plus ``skipped``: paths of those dropped.
-
-        A batch whose samples were all dropped has only ``index`` (empty), ``prompt`` ([]) and
-        ``skipped``.
-        """
-        kept = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
-        skipped = [sample.path for sample in samples if isinstance(sample, UnreadableImage)]
-        batch = collate(kept) if kept else {"index": torch.empty(0, dtype=torch.long), "prompt": []}
-        batch["skipped"] = skipped
-        return batch

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from mit_lightning.data.classification import ImageTextClassificationDataModule, ImageTextRecord
+from mit_lightning.data.records import SetupReport, decoded_lines
 from mit_lightning.errors import UserError, expand_env
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,23 @@ DEFAULT_PROMPT = "Classify the food in the image from its recipe title: {text}. 
 
 
 def read_titles_csv(path: Path) -> list[tuple[str, str, str]]:
-    """Rows ``(image_filename, title, class)``; the csv module handles quoted titles with commas."""
+    """Rows ``(image_filename, title, class)``; the csv module handles quoted titles with commas.
+
+    The titles were scraped from the web: an odd byte becomes U+FFFD (reported once) rather than
+    stopping training, and a byte-order mark (from a spreadsheet export) is not taken as part of
+    the first filename.
+    """
     rows = []
-    # The titles were scraped from the web: an odd byte is replaced rather than stopping training,
-    # and a byte-order mark (from a spreadsheet export) is not taken as part of the first filename.
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        reader = csv.reader(file)
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != 3:
-                raise UserError(f"{path}, line {reader.line_num}: expected 3 columns (image_filename,title,class), "
-                                f"got {len(row)}: {row!r}.")
-            rows.append((row[0], row[1], row[2]))
+    report = SetupReport(str(path))
+    reader = csv.reader(decoded_lines(path, report))
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != 3:
+            raise UserError(f"{path}, line {reader.line_num}: expected 3 columns (image_filename,title,class), "
+                            f"got {len(row)}: {row!r}.")
+        rows.append((row[0], row[1], row[2]))
+    report.log()
     return rows
 
 
@@ -220,7 +225,7 @@ class Food101DataModule(ImageTextClassificationDataModule):
                         "set data.split_dir to a writable folder.")
 
     # --- samples ----------------------------------------------------------------------------
-    def _read_records(self, split: str) -> list[ImageTextRecord]:
+    def _read_records(self, split: str, report: SetupReport) -> list[ImageTextRecord]:
         source = SOURCES[split]
         rows = self._rows(source)
         if source == "train":

@@ -2,22 +2,58 @@
 
 Normalisation (the vision tower's mean/std) happens on the device inside the model, so workers
 ship compact uint8 tensors and every data module works with any vision tower.
+
+An image file that exists but cannot be decoded (truncated, zero bytes, not an image) is only
+found when a worker loads it. Every data module then returns an `UnreadableImage` marker in place
+of the sample; `mit_lightning.data.base.collate` drops it from the batch and lists its path in
+``batch["skipped"]``, and the model reports the skipped samples once per epoch. The epoch goes on.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
+#: what PIL raises for missing, broken, truncated or unrecognised files
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+class UnreadableImage(NamedTuple):
+    """Returned by a dataset in place of a sample whose image could not be decoded."""
+
+    path: str
+
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; raises OSError (missing/unreadable) for the caller to count."""
+    """Open an image as RGB; raises one of `DECODE_ERRORS` (missing/unreadable) for the caller to handle."""
     with Image.open(path) as image:
         image.load()
         return image.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> Image.Image | UnreadableImage:
+    """The image as RGB, or an `UnreadableImage` marker for the dataset to return instead of its sample."""
+    try:
+        return load_rgb(path)
+    except DECODE_ERRORS as error:
+        log.debug("Cannot decode %s: %s", path, error)
+        return UnreadableImage(str(path))
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header alone (no pixel decoding); None if the header is unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except DECODE_ERRORS:
+        return None
 
 
 def to_square_tensor(image: Image.Image, size: int) -> torch.Tensor:

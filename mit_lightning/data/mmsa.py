@@ -8,6 +8,11 @@ through trainable encoders, and regresses ``regression_labels`` in [-3, 3]. The 
 
 MMSA's ``vision`` key holds facial-expression features, not pixels: it is served as ``facial`` so
 that it is never confused with the CLIP ``image`` of the other tasks.
+
+Bad input follows `mit_lightning.data.records`: labels that are NaN, infinite or outside [-3, 3]
+(e.g. scaled by 100) are an error naming the split and an example id, since they make every metric
+wrong; a clip whose ``raw_text`` is not text (null, a number) is excluded and reported; bytes
+texts are decoded.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, fill_template
+from mit_lightning.data.records import SetupReport, as_text, decode_bytes
 from mit_lightning.errors import UserError, existing_path, expand_env
 from mit_lightning.safe_pickle import load_data_pickle
 
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 DATASETS = ("MOSI", "MOSEI")
 #: served modality name -> MMSA key of its feature sequence (lengths under "<key>_lengths")
 MODALITY_KEYS = {"audio": "audio", "facial": "vision"}
+#: MMSA's regression labels are mean annotator scores on this scale
+LABEL_RANGE = (-3.0, 3.0)
 DEFAULT_PROMPT = "Predict the sentiment of the following text: {text}. #Sentiment:"
 
 
@@ -156,6 +164,10 @@ class MMSADataModule(MiTDataModule):
         self.path = existing_path(expected, f"{self.dataset} feature file", self.layout_hint, is_dir=False)
         self._arrays: dict[str, _SplitArrays] | None = None
 
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset
+
     def _configured_splits(self) -> list[str]:
         splits = [self.train_split, *self.val_splits, *self.test_splits, *self.predict_splits]
         return list(dict.fromkeys(splits))
@@ -189,18 +201,29 @@ class MMSADataModule(MiTDataModule):
         if missing:
             hint = "" if self.aligned else " (unaligned files carry lengths: is this an aligned file? set data.aligned=true)"
             raise UserError(f"{where} lacks {missing}{hint}. {self.layout_hint}")
-        texts = [_as_str(value) for value in _vector(raw["raw_text"], where, "raw_text")]
-        count = len(texts)
-        ids = [_as_str(value) for value in _vector(raw["id"], where, "id", count)]
+        raw_texts = _entries(raw["raw_text"], where, "raw_text")
+        count = len(raw_texts)
+        ids = [decode_bytes(value) if isinstance(value, bytes) else str(value)
+               for value in _entries(raw["id"], where, "id", count)]
         labels = _numeric(raw["regression_labels"], where, "regression_labels").reshape(-1)
         if labels.shape[0] != count:
             raise UserError(f"{where}: regression_labels has {labels.shape[0]} values for {count} texts.")
-        if not np.isfinite(labels).all():
-            raise UserError(f"{where}: regression_labels holds non-finite values; re-download the file.")
+        _check_labels(labels, ids, where)
+        report = SetupReport(f"{self.dataset} {split}")
+        texts = [as_text(value, f"id {id_}", report) for value, id_ in zip(raw_texts, ids)]
+        for text, id_ in zip(texts, ids):
+            if text is None:
+                report.exclude(f"id {id_}", "clips whose raw_text is not text (null, a number, ...)")
+        report.log()
         if self.aligned and any(f"{MODALITY_KEYS[name]}_lengths" in raw for name in self.modalities):
             log.warning("%s has sequence lengths but data.aligned=true: every step is read as real.", where)
         sequences = {name: self._parse_sequence(split, name, raw, count) for name in self.modalities}
-        return _SplitArrays(texts=texts, ids=ids, labels=labels, sequences=sequences)
+        kept = [i for i, text in enumerate(texts) if text is not None]
+        if len(kept) < count:  # rare: only then are the arrays copied
+            labels = labels[kept]
+            sequences = {name: _Sequence(seq.features[kept], seq.lengths[kept]) for name, seq in sequences.items()}
+        return _SplitArrays(texts=[texts[i] for i in kept], ids=[ids[i] for i in kept], labels=labels,
+                            sequences=sequences)
 
     def _parse_sequence(self, split: str, name: str, raw: dict, count: int) -> _Sequence:
         key = MODALITY_KEYS[name]
@@ -230,9 +253,12 @@ class MMSADataModule(MiTDataModule):
         )
         return _Sequence(features=np.ascontiguousarray(features), lengths=lengths)
 
-    def _build_datasets(self, splits: list[str]) -> dict[str, Dataset]:
+    def _read_splits(self, splits: list[str]) -> dict[str, _SplitArrays]:
         arrays = self._load()
-        return {split: MMSASplit(arrays[split], self.prompt_template) for split in splits}
+        return {split: arrays[split] for split in splits}
+
+    def _make_dataset(self, split: str, arrays: _SplitArrays, *, training: bool) -> Dataset:
+        return MMSASplit(arrays, self.prompt_template)
 
     def _build_spec(self) -> DataSpec:
         dims: dict[str, int] = {}
@@ -246,8 +272,25 @@ class MMSADataModule(MiTDataModule):
         return DataSpec(sequence_dims=dims)
 
 
-def _as_str(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _check_labels(labels: np.ndarray, ids: list[str], where: str) -> None:
+    """NaN, infinite or out-of-range labels are an error: they would make every metric wrong without a word."""
+    low, high = LABEL_RANGE
+    bad = np.flatnonzero(~np.isfinite(labels) | (labels < low) | (labels > high))
+    if bad.size:
+        first = int(bad[0])
+        raise UserError(
+            f"{where}: {bad.size} regression_labels are non-finite or outside [{low:g}, {high:g}] (e.g. id "
+            f"'{ids[first]}': {labels[first]:g}). MMSA labels are sentiment scores in [{low:g}, {high:g}]: "
+            "re-download the file, or undo the scaling it was saved with."
+        )
+
+
+def _entries(value: Any, where: str, key: str, count: int | None = None) -> Sequence[Any]:
+    """The entries of a per-sample list or 1-D array as stored (a list is not forced into one dtype)."""
+    entries = value if isinstance(value, (list, tuple)) else _vector(value, where, key)
+    if count is not None and len(entries) != count:
+        raise UserError(f"{where}: '{key}' has shape ({len(entries)},); expected ({count},).")
+    return entries
 
 
 def _vector(value: Any, where: str, key: str, count: int | None = None) -> np.ndarray:

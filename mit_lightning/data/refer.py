@@ -4,9 +4,14 @@
     <root>/<dataset>/instances.json                COCO style: images, annotations (segmentations)
     <root>/<dataset>/refs(<split_by>).p            pickled list of refs, each with its sentences
 
-Evaluation splits serve every sentence of every ref as one sample, the convention behind the
-published numbers; the training split serves each ref once per epoch with a random sentence, or
-every sentence. See data/README.md for downloads.
+Evaluation serves every sentence of every ref as one sample, the convention behind the published
+numbers, whatever the split is called; training serves each ref once per epoch with a random
+sentence, or every sentence. See data/README.md for downloads.
+
+Bad input follows `mit_lightning.data.records`. In particular: a sentence without text in the
+prompt's field (``sent`` or ``raw``) and a ref left without sentences are excluded and reported;
+a ref without its identifiers is an error; an image whose size disagrees with ``instances.json``
+is an error (see `check_images`); an image that does not decode is skipped at load time.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from mit_lightning.data.base import MiTDataModule, check_template, fill_template
-from mit_lightning.data.images import load_rgb, resize_mask, to_square_tensor
+from mit_lightning.data.images import UnreadableImage, header_size, read_rgb, resize_mask, to_square_tensor
+from mit_lightning.data.records import SetupReport, as_text
 from mit_lightning.errors import UserError, existing_path
 from mit_lightning.safe_pickle import load_data_pickle
 
@@ -61,7 +67,7 @@ Ref = Mapping[str, Any]  # an entry of the refs pickle
 
 class Sentence(NamedTuple):
     sent_id: int
-    sent: str  # lower-cased, tokenised and re-joined by the dataset authors
+    sent: str  # tokenised and re-joined by the dataset authors, lower-cased (again, in case a file's is not)
     raw: str  # as the annotator typed it
 
 
@@ -113,11 +119,20 @@ def decode_mask(rle: dict[str, Any]) -> np.ndarray:
 
 
 # --- loading ----------------------------------------------------------------------------------
+#: what every ref must carry; ``sentences`` is checked sentence by sentence
+REF_IDENTIFIERS = ("ref_id", "ann_id", "image_id", "split")
+
+
 def load_refs(path: Path) -> list[dict[str, Any]]:
     """The refs pickle, through the restricted unpickler: a downloaded data file must never run code."""
     refs = load_data_pickle(path)
     if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
         raise UserError(f"'{path}' should hold a list of refs (dicts), not a {type(refs).__name__}. Re-download it.")
+    for position, ref in enumerate(refs):
+        missing = [key for key in REF_IDENTIFIERS if key not in ref]
+        if missing:
+            raise UserError(f"Ref #{position} (ref_id {ref.get('ref_id', '?')}) in '{path}' lacks {', '.join(missing)}; "
+                            f"every ref carries {', '.join(REF_IDENTIFIERS)} and sentences. Re-download the file.")
     return refs
 
 
@@ -147,9 +162,10 @@ def refs_by_split(refs: Iterable[Ref], splits: Sequence[str], source: Path) -> d
 
 
 def referred_objects(refs: Iterable[Ref], images: Mapping[int, Record], annotations: Mapping[int, Record],
-                     image_dir: Path, source: Path) -> list[ReferredObject]:
+                     image_dir: Path, source: Path, sentence_field: str, report: SetupReport) -> list[ReferredObject]:
     """Join refs with instances.json: the image file comes from `images[image_id]` (the ref's own
-    `file_name` carries an extra `_<n>` suffix and names no file)."""
+    `file_name` carries an extra `_<n>` suffix and names no file). Refs left without a sentence
+    are excluded and noted in `report`."""
     objects = []
     for ref in refs:
         annotation, image = annotations.get(ref["ann_id"]), images.get(ref["image_id"])
@@ -158,24 +174,77 @@ def referred_objects(refs: Iterable[Ref], images: Mapping[int, Record], annotati
                 f"Ref {ref['ref_id']} in '{source}' points at annotation {ref['ann_id']} / image {ref['image_id']}, "
                 "which instances.json lacks: the two files come from different downloads. Re-download the dataset."
             )
+        sentences = ref_sentences(ref, sentence_field, source, report)
+        if not sentences:
+            report.exclude(f"ref {ref['ref_id']}", "refs without any sentence to read")
+            continue
+        try:
+            file_name, height, width = image["file_name"], int(image["height"]), int(image["width"])
+            segmentation = annotation["segmentation"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"Image {ref['image_id']} / annotation {ref['ann_id']} of ref {ref['ref_id']} in the "
+                            f"instances.json beside '{source}' lack a valid file_name, height, width or segmentation "
+                            f"({error!r}). Re-download the dataset.") from error
         objects.append(ReferredObject(
             ref_id=int(ref["ref_id"]),
-            image_path=str(image_dir / image["file_name"]),
-            mask=segmentation_to_rle(annotation["segmentation"], image["height"], image["width"]),
-            sentences=tuple(Sentence(int(s["sent_id"]), s["sent"], s["raw"]) for s in ref["sentences"]),
+            image_path=str(image_dir / file_name),
+            mask=segmentation_to_rle(segmentation, height, width),
+            sentences=sentences,
         ))
     return objects
 
 
-def check_images_exist(objects: Sequence[ReferredObject], split: str, image_dir: Path) -> None:
-    """Stat every image of a split once, so a broken install fails now instead of mid-epoch."""
-    paths = sorted({obj.image_path for obj in objects})
-    missing = [path for path in paths if not os.path.isfile(path)]
+def ref_sentences(ref: Ref, field: str, source: Path, report: SetupReport) -> tuple[Sentence, ...]:
+    """The ref's sentences that have text in `field` (the one the prompt reads); the others are noted in `report`.
+
+    `sent` is lower-cased (the dataset authors' normalised form, whatever a file holds); when the
+    other field is absent it takes this one's text.
+    """
+    sentences = ref.get("sentences") or []
+    if not isinstance(sentences, (list, tuple)) or not all(isinstance(s, Mapping) and "sent_id" in s for s in sentences):
+        raise UserError(f"Ref {ref['ref_id']} in '{source}' has sentences that are not dicts with a sent_id "
+                        "(expected sentences=[{sent_id, sent, raw, tokens}]). Re-download the file.")
+    kept = []
+    for sentence in sentences:
+        record = f"ref {ref['ref_id']} sentence {sentence['sent_id']}"
+        texts = {name: as_text(sentence.get(name), record, report) for name in SENTENCE_FIELDS}
+        if texts[field] is None:
+            report.exclude(record, f"sentences without '{field}' text (null, missing or not a string)")
+            continue
+        texts = {name: text if text is not None else texts[field] for name, text in texts.items()}
+        kept.append(Sentence(int(sentence["sent_id"]), texts["sent"].lower(), texts["raw"]))
+    return tuple(kept)
+
+
+def check_images(objects: Sequence[ReferredObject], split: str, image_dir: Path) -> None:
+    """Stat every image of a split and read its header (not its pixels), once per image.
+
+    A missing image fails now instead of mid-epoch. An image whose size disagrees with
+    instances.json fails too, rather than being skipped: masks are drawn at the annotated size,
+    so they would be misaligned with the pixels and every metric silently wrong; and the cause
+    (annotations and images from different releases, or images resized or rotated) concerns the
+    whole folder, not one sample. A header that cannot be read is left to load time, where the
+    image is skipped and reported like any image that does not decode.
+    """
+    annotated = {obj.image_path: tuple(obj.mask["size"]) for obj in objects}  # RLE size: (height, width)
+    missing = [path for path in sorted(annotated) if not os.path.isfile(path)]
     if missing:
         shown = ", ".join(f"'{path}'" for path in missing[:3])
         raise UserError(
-            f"{len(missing)} of the {len(paths)} images of split '{split}' are missing from '{image_dir}' "
+            f"{len(missing)} of the {len(annotated)} images of split '{split}' are missing from '{image_dir}' "
             f"(e.g. {shown}). Complete the image download (see data/README.md) or point data.image_dir at them."
+        )
+    disagreeing = []
+    for path, (height, width) in sorted(annotated.items()):
+        size = header_size(path)
+        if size is not None and size != (width, height):
+            disagreeing.append(f"'{path}' is {size[0]}×{size[1]}, instances.json says {width}×{height}")
+    if disagreeing:
+        raise UserError(
+            f"{len(disagreeing)} of the {len(annotated)} images of split '{split}' do not have the width×height "
+            f"that instances.json gives them, so their masks would not line up: {'; '.join(disagreeing[:3])}. "
+            "The annotations and the images come from different releases (or the images were resized or rotated): "
+            "use the original images and annotations, or point data.image_dir at the right images."
         )
 
 
@@ -204,18 +273,21 @@ class ReferringSegmentationDataset(Dataset):
         """A random sentence per ref: the training order supplies the draw (`data/sampling.py`)."""
         return self.samples[0][1] is None if self.samples else False
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | UnreadableImage:
         index, draw = key if isinstance(key, tuple) else (key, 0)
         object_index, sentence_index = self.samples[index]
         obj = self.objects[object_index]
         if sentence_index is None:
             sentence_index = draw % len(obj.sentences)
         sentence = obj.sentences[sentence_index]
+        image = read_rgb(obj.image_path)
+        if isinstance(image, UnreadableImage):
+            return image
         mask = decode_mask(obj.mask)
         return {
             "prompt": fill_template(self.prompt_template, DESCRIPTION, getattr(sentence, self.sentence_field)),
             "index": index,
-            "image": to_square_tensor(load_rgb(obj.image_path), self.image_size),
+            "image": to_square_tensor(image, self.image_size),
             "mask": torch.from_numpy(mask) if self.mask_size is None else resize_mask(mask, self.mask_size),
             "ref_id": obj.ref_id,
             "sent_id": sentence.sent_id,
@@ -342,24 +414,32 @@ class RefCOCODataModule(MiTDataModule):
         raise UserError(f"{collection.image_set} image folder not found: expected {expected}. "
                         f"Download the images there, or set data.image_dir. {self.layout_hint}")
 
-    def _build_datasets(self, splits: list[str]) -> dict[str, Dataset]:
+    @property
+    def dataset_name(self) -> str:
+        return f"{self.dataset} {self.split_by}"
+
+    def _read_splits(self, splits: list[str]) -> dict[str, list[ReferredObject]]:
         self.files = self.files or self._locate_files()
-        image_size = self.image_size or self.model_image_size()
         images, annotations = load_instances(self.files.instances)
         grouped = refs_by_split(load_refs(self.files.refs), splits, self.files.refs)
-        datasets: dict[str, Dataset] = {}
+        objects = {}
         for split in splits:
-            objects = referred_objects(grouped[split], images, annotations, self.files.image_dir, self.files.refs)
-            check_images_exist(objects, split, self.files.image_dir)
-            training = split == self.train_split
-            datasets[split] = ReferringSegmentationDataset(
-                objects,
-                prompt_template=self.prompt_template,
-                image_size=image_size,
-                mask_size=None if self.eval_at_original_size and not training else self.mask_size,
-                random_sentence=training and self.train_sentences == "one_per_ref",
-                sentence_field=self.sentence_field,
-            )
-            log.info("%s %s/%s: %d refs, %d samples",
-                     self.dataset, self.split_by, split, len(objects), len(datasets[split]))
-        return datasets
+            report = SetupReport(f"{self.dataset_name}/{split}")
+            objects[split] = referred_objects(grouped[split], images, annotations, self.files.image_dir,
+                                              self.files.refs, self.sentence_field, report)
+            report.log()
+            check_images(objects[split], split, self.files.image_dir)
+        return objects
+
+    def _make_dataset(self, split: str, objects: list[ReferredObject], *, training: bool) -> Dataset:
+        dataset = ReferringSegmentationDataset(
+            objects,
+            prompt_template=self.prompt_template,
+            image_size=self.image_size or self.model_image_size(),
+            mask_size=None if self.eval_at_original_size and not training else self.mask_size,
+            random_sentence=training and self.train_sentences == "one_per_ref",
+            sentence_field=self.sentence_field,
+        )
+        log.info("%s/%s (%s): %d refs, %d samples", self.dataset_name, split, "training" if training else "evaluation",
+                 len(objects), len(dataset))
+        return dataset

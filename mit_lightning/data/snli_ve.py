@@ -8,7 +8,10 @@ Layout under the data root (see data/README.md)::
 The image plays the premise: the text input is the hypothesis ``sentence2`` (``sentence1``, the
 caption the hypothesis was written for, is not used). Lines whose ``gold_label`` is not one of
 the three classes (SNLI marks pairs without annotator consensus with "-") are skipped and
-counted in the log.
+counted in the log. Bad input follows `mit_lightning.data.records`: a pair whose hypothesis is
+null, missing or not a string is excluded and reported; bytes that are not UTF-8 and lone
+surrogates become U+FFFD and are reported; a line that is not a JSON object, or lacks
+``gold_label`` or ``Flickr30K_ID``, is an error naming the line.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mit_lightning.data.classification import ImageTextClassificationDataModule, ImageTextRecord
+from mit_lightning.data.records import SetupReport, as_text, decoded_lines
 from mit_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,26 +33,34 @@ DEFAULT_PROMPT = ("Decide whether the image entails, is neutral to, or contradic
                   "#Classification:")
 
 
-def read_snli_ve(path: Path, image_dir: Path) -> tuple[list[ImageTextRecord], int]:
+def read_snli_ve(path: Path, image_dir: Path, report: SetupReport) -> tuple[list[ImageTextRecord], int]:
     """Records of one jsonl file, and the number of lines skipped for a label outside `LABELS`."""
     class_ids = {name: position for position, name in enumerate(LABELS)}
     records, skipped = [], 0
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-                label, hypothesis, image_id = pair["gold_label"], pair["sentence2"], pair["Flickr30K_ID"]
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from error
-            except KeyError as error:
-                raise UserError(f"{path}, line {line_number}: field {error} is missing; expected the SNLI-VE fields "
-                                "gold_label, sentence2 and Flickr30K_ID.") from error
-            if label not in class_ids:
-                skipped += 1
-                continue
-            records.append(ImageTextRecord(str(image_dir / f"{image_id}.jpg"), hypothesis, class_ids[label]))
+    for line_number, line in enumerate(decoded_lines(path, report), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {line_number}"
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: not valid JSON ({error.msg}).") from error
+        if not isinstance(pair, dict):
+            raise UserError(f"{where}: expected a JSON object with the SNLI-VE fields, got {type(pair).__name__}.")
+        missing = [name for name in ("gold_label", "Flickr30K_ID") if name not in pair]
+        if missing:
+            raise UserError(f"{where}: field '{missing[0]}' is missing; expected the SNLI-VE fields "
+                            "gold_label, sentence2 and Flickr30K_ID.")
+        if not isinstance(pair["gold_label"], str) or pair["gold_label"] not in class_ids:
+            skipped += 1
+            continue
+        record = f"{path.name} line {line_number}"
+        hypothesis = as_text(pair.get("sentence2"), record, report)
+        if hypothesis is None:
+            report.exclude(record, "pairs without hypothesis text (sentence2 null, missing or not a string)")
+            continue
+        records.append(ImageTextRecord(str(image_dir / f"{pair['Flickr30K_ID']}.jpg"), hypothesis,
+                                       class_ids[pair["gold_label"]]))
     return records, skipped
 
 
@@ -102,9 +114,9 @@ class SNLIVEDataModule(ImageTextClassificationDataModule):
     def class_names(self) -> list[str]:
         return list(LABELS)
 
-    def _read_records(self, split: str) -> list[ImageTextRecord]:
+    def _read_records(self, split: str, report: SetupReport) -> list[ImageTextRecord]:
         path = self.root / f"snli_ve_{split}.jsonl"
-        records, skipped = read_snli_ve(path, self.root / "flickr30k_images")
+        records, skipped = read_snli_ve(path, self.root / "flickr30k_images", report)
         log.log(logging.WARNING if skipped else logging.INFO,
                 "%s %s: %d pairs read; skipped %d lines whose gold_label is not one of %s.",
                 self.dataset_name, split, len(records), skipped, "/".join(LABELS))

@@ -36,5 +36,8 @@ class TaskHead(nn.Module):
         raise NotImplementedError
 
     def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-        """What `mit predict` returns per batch (CPU tensors and plain values)."""
+        """The head's outputs per sample for `mit predict` (CPU tensors, or lists of per-sample values).
+
+        The sample's ids, text and known label are added by the module (`PREDICTION_PASSTHROUGH`).
+        """
         raise NotImplementedError

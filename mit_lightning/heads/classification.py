@@ -66,10 +66,4 @@ class ImageTextClassification(TaskHead):
 
     def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
         probability = output.float().softmax(dim=-1)
-        return {
-            "probability": probability.cpu(),
-            "prediction": probability.argmax(dim=-1).cpu(),
-            "index": batch["index"].cpu(),
-            "image_path": batch.get("image_path"),
-            "text": batch.get("text"),
-        }
+        return {"probability": probability.cpu(), "prediction": probability.argmax(dim=-1).cpu()}

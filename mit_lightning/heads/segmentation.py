@@ -126,8 +126,11 @@ class ReferringSegmentation(TaskHead):
 
     def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = batch["mask"]
-        if not isinstance(target, torch.Tensor):
-            raise UserError("Training needs masks of one size: keep data.eval_at_original_size for evaluation only.")
+        if not isinstance(target, torch.Tensor):  # masks at their images' sizes: each sample's loss at its own size
+            return torch.stack([self._loss(logits[None], mask[None]) for logits, mask in zip(output, target)]).mean()
+        return self._loss(output, target)
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(output.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         if self.loss_name == "ce":
             return F.cross_entropy(logits, target.long())
@@ -155,11 +158,14 @@ class ReferringSegmentation(TaskHead):
         metrics.update(self.masks(output, batch["mask"]), batch["mask"], batch["index"])
 
     def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-        """Foreground probability at decoder resolution as uint8 (0–255): compact on the host."""
-        probability = self.foreground_probability(output)
-        return {
-            "mask_probability": (probability * 255).round().to(torch.uint8).cpu(),
-            "image_path": batch.get("image_path"),
-            "sentence": batch.get("sentence"),
-            "index": batch["index"].cpu(),
-        }
+        """The binary masks exactly as evaluation scores them (same size, same decision), and their IoU."""
+        targets = batch["mask"]
+        masks = self.masks(output, targets)
+        masks = list(masks) if isinstance(masks, torch.Tensor) else masks
+        targets = list(targets) if isinstance(targets, torch.Tensor) else targets
+        ious = []
+        for mask, target in zip(masks, targets):
+            target = target.bool()
+            union = (mask | target).sum()
+            ious.append(float((mask & target).sum() / union) if union > 0 else 1.0)  # the mIoU rule
+        return {"mask": [mask.cpu() for mask in masks], "iou": ious}

@@ -48,4 +48,4 @@ class SentimentRegression(TaskHead):
         metrics.update(output.float(), batch["label"].float(), batch["index"])
 
     def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"prediction": output.float().cpu(), "index": batch["index"].cpu(), "id": batch.get("id")}
+        return {"prediction": output.float().cpu()}
