@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is int
 from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import MiTDataModule
-from mit_lightning.errors import UserError, recording_user_errors
+from mit_lightning.errors import UserError
 from mit_lightning.module import MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
@@ -116,13 +116,15 @@ class MiTCLI(LightningCLI):
         self._keep_latest_checkpoint()
 
     def instantiate_classes(self) -> None:
-        with recording_user_errors() as user_errors:
-            try:
-                super().instantiate_classes()
-            except ValueError:
-                if user_errors:
-                    raise user_errors[0] from None
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # jsonargparse reports a class of a union type (e.g. the data module) that failed to build as a
+            # ValueError listing every alternative; the user's actual problem is the UserError it was handling
+            cause = _user_error_in(error)
+            if cause is None:
                 raise
+            raise cause from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
@@ -177,6 +179,15 @@ class MiTCLI(LightningCLI):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(_summary(results) + f"\nTest metrics written to {log_dir / 'test_metrics.json'}")
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The UserError an exception was raised while handling (its cause or context chain), if any."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def check_writable(trainer_config) -> None:

@@ -8,36 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator
-
-_recorded: ContextVar[list | None] = ContextVar("recorded_user_errors", default=None)
 
 
 class UserError(Exception):
     """Bad input, missing data or missing weights: the message tells the user what to do."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        recorded = _recorded.get()
-        if recorded is not None:
-            recorded.append(self)
-
-
-@contextmanager
-def recording_user_errors() -> Iterator[list[UserError]]:
-    """Collect the UserErrors raised inside, even when a library re-wraps them in its own exception.
-
-    (jsonargparse reports a failing class of a union type as a generic ValueError listing every
-    alternative; the CLI uses this to show the user's actual problem instead.)
-    """
-    token = _recorded.set([])
-    try:
-        yield _recorded.get()
-    finally:
-        _recorded.reset(token)
 
 
 _ENV_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")

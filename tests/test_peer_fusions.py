@@ -66,3 +66,8 @@ def test_late_addition_leaves_the_llm_untouched_and_adds_after_it(tiny_llm_facto
     expected = text + late.projections["audio"](vectors["audio"]) + late.projections["facial"](vectors["facial"])
     torch.testing.assert_close(fused, expected)
     assert torch.equal(last_token(llm(mask, input_ids=ids), mask), text)
+
+
+def test_late_addition_without_another_modality_is_a_clear_error(tiny_llm_factory):
+    with pytest.raises(UserError, match="at least one non-text modality"):
+        LateAddition(ModelDims(llm=tiny_llm_factory().shape))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mit_lightning.backbones.llm import FrozenLLM, last_token
+from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 
 
@@ -30,7 +31,7 @@ class LateAddition(Fusion):
     def __init__(self, dims: ModelDims) -> None:
         super().__init__()
         if not dims.vectors:
-            raise ValueError("LateAddition needs at least one non-text modality.")
+            raise UserError("LateAddition needs at least one non-text modality (model.vision or model.sequence_modalities).")
         self.projections = nn.ModuleDict(
             {name: nn.Linear(size, dims.llm.hidden_size) for name, size in sorted(dims.vectors.items())}
         )
