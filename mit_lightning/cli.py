@@ -63,7 +63,7 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        full = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         checkpoint[CHECKPOINT_CONFIG_ENTRY] = {key: full[key] for key in CHECKPOINT_CONFIG_KEYS if key in full}
 
 

@@ -48,6 +48,7 @@ def ddp_run(tmp_path_factory):
     return tmp_path, output, next(Path(runs).rglob("best-*.ckpt")), metrics
 
 
+@pytest.mark.slow
 def test_two_processes_trained_and_tested(ddp_run):
     _, output, checkpoint, metrics = ddp_run
     assert "distributed_backend=gloo" in output and "Starting with 2 processes" in output
@@ -56,6 +57,7 @@ def test_two_processes_trained_and_tested(ddp_run):
     assert "test/test/oIoU" in metrics
 
 
+@pytest.mark.slow
 def test_every_test_sample_counts_once_although_the_sampler_repeats_one(ddp_run):
     tmp_path, _, _, metrics = ddp_run
     data = SyntheticRefCOCODataModule(root=str(tmp_path / "data"), image_size=64, **SIZES)
@@ -67,6 +69,7 @@ def test_every_test_sample_counts_once_although_the_sampler_repeats_one(ddp_run)
     assert metrics["test/test/oIoU_whole_image"] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_scores_the_same_in_one_process(ddp_run, monkeypatch):
     tmp_path, _, checkpoint, ddp_metrics = ddp_run
     monkeypatch.chdir(tmp_path)

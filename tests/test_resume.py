@@ -123,6 +123,7 @@ def uninterrupted(tmp_path_factory):
     return tmp_path, final_state(tmp_path, "uninterrupted")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name, step, exit_code", [("TERM", 6, 143), ("KILL", 7, -9)])
 def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step, exit_code):
     tmp_path, reference = uninterrupted
