@@ -49,7 +49,7 @@ def test_aligned_items_follow_the_batch_contract(tmp_path):
 
 def test_feature_dims_are_read_from_the_file(tmp_path):
     write_mmsa(tmp_path, "MOSEI", audio_dim=74, vision_dim=35)
-    module = build(tmp_path, "test", dataset="mosei")
+    module = build(tmp_path, "test", dataset="MOSEI")
     assert module.spec.sequence_dims == {"audio": 74, "facial": 35}
     assert module.datasets["test"][0]["audio"].shape == (50, 74)
 
@@ -175,7 +175,6 @@ def test_missing_file_names_where_it_is_expected(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"dataset": "SIMS"}, "MOSI, MOSEI"),
         ({"modalities": ["vision"]}, "audio, facial"),
         ({"prompt_template": "Predict the sentiment:"}, r"\{text\}"),
         ({"max_sequence_length": 0}, "at least 1"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,15 +20,14 @@ from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
 from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
 from mit_lightning.errors import UserError, expand_env
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: dtypes the frozen weights may be kept in
+DType = Literal["bfloat16", "float16", "float32"]
 #: a HuggingFace tokenizer is saved as one of these (LLaMA-2/Mistral: tokenizer.model; Qwen2: vocab.json + merges.txt)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise UserError(f"Unknown dtype '{name}'; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
+def torch_dtype(name: DType) -> torch.dtype:
+    return getattr(torch, name)
 
 
 @dataclass
@@ -50,9 +49,9 @@ class LLMConfig:
     """
 
     path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
-    dtype: str = "bfloat16"
+    dtype: DType = "bfloat16"
     attention: str = "sdpa"
-    padding_side: str = "right"
+    padding_side: Literal["left", "right"] = "right"
     max_text_tokens: int = 128
     seed: int = 0
     activation_checkpointing: bool = False

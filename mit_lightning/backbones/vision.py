@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mit_lightning.backbones.llm import torch_dtype
+from mit_lightning.backbones.llm import DType, torch_dtype
 from mit_lightning.backbones.presets import TINY_CLIP, seeded_init
 from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
 from mit_lightning.errors import UserError, expand_env
@@ -37,7 +37,7 @@ class VisionConfig:
 
     name: str = "ViT-L-14-336"
     weights: str | None = "${MIT_CLIP_PATH:-checkpoints/ViT-L-14-336.pt}"
-    dtype: str = "bfloat16"
+    dtype: DType = "bfloat16"
     quick_gelu: bool = True
     normalize: bool = False
     seed: int = 0

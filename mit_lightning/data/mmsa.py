@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ from mit_lightning.safe_pickle import load_data_pickle
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("MOSI", "MOSEI")
 #: served modality name -> MMSA key of its feature sequence (lengths under "<key>_lengths")
 MODALITY_KEYS = {"audio": "audio", "facial": "vision"}
 #: MMSA's regression labels are mean annotator scores on this scale
@@ -116,7 +115,7 @@ class MMSADataModule(MiTDataModule):
     def __init__(
         self,
         root: str = "${MIT_DATA_ROOT:-data}",
-        dataset: str = "MOSI",
+        dataset: Literal["MOSI", "MOSEI"] = "MOSI",
         file: str | None = None,
         aligned: bool = True,
         modalities: Sequence[str] = ("audio", "facial"),
@@ -143,9 +142,7 @@ class MMSADataModule(MiTDataModule):
             pin_memory=pin_memory,
             check_root=False,  # the file check below names the exact file that is missing
         )
-        self.dataset = dataset.upper()
-        if self.dataset not in DATASETS:
-            raise UserError(f"Unknown data.dataset '{dataset}'; choose one of {', '.join(DATASETS)}.")
+        self.dataset = dataset
         self.modalities = list(dict.fromkeys(modalities))
         unknown = [name for name in self.modalities if name not in MODALITY_KEYS]
         if unknown:

@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence, get_args
 
 import numpy as np
 import torch
@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 #: the paper's segmentation prompt (Figure 3)
 DESCRIPTION = "{description}"
 PAPER_TEMPLATE = "Segment the {description} according to the text. #Segmentation:"
-TRAIN_SENTENCES = ("one_per_ref", "all")
-SENTENCE_FIELDS = ("sent", "raw")
+ReferDataset = Literal["refcoco", "refcoco+", "refcocog", "refclef"]
+SplitBy = Literal["unc", "google", "umd", "berkeley"]
+SentenceField = Literal["sent", "raw"]
+SENTENCE_FIELDS: tuple[SentenceField, ...] = get_args(SentenceField)
 
 
 @dataclass(frozen=True)
@@ -296,11 +298,11 @@ class ReferringSegmentationDataset(Dataset):
         }
 
 
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    """Settings typed as plain strings (so configs stay simple) are checked here, naming the choices."""
-    choices = list(choices)
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}; got '{value}'.")
+def check_split_by(dataset: str, split_by: str, prefix: str = "") -> None:
+    """Which split schemes exist depends on the dataset: a choice the type alone cannot check."""
+    schemes = COLLECTIONS[dataset].split_bys
+    if split_by not in schemes:
+        raise UserError(f"{prefix}split_by for {dataset} must be one of {', '.join(schemes)}; got '{split_by}'.")
 
 
 # --- data module ------------------------------------------------------------------------------
@@ -347,8 +349,8 @@ class RefCOCODataModule(MiTDataModule):
     def __init__(
         self,
         root: str = "${MIT_DATA_ROOT:-data}",
-        dataset: str = "refcoco",
-        split_by: str | None = None,
+        dataset: ReferDataset = "refcoco",
+        split_by: SplitBy | None = None,
         image_dir: str | None = None,
         train_split: str = "train",
         val_splits: Sequence[str] = ("val",),
@@ -357,19 +359,16 @@ class RefCOCODataModule(MiTDataModule):
         image_size: int | None = None,
         mask_size: int = 480,
         eval_at_original_size: bool = False,
-        train_sentences: str = "one_per_ref",
-        sentence_field: str = "sent",
+        train_sentences: Literal["one_per_ref", "all"] = "one_per_ref",
+        sentence_field: SentenceField = "sent",
         prompt_template: str = PAPER_TEMPLATE,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        check_choice("data.dataset", dataset, COLLECTIONS)
         split_by = split_by or COLLECTIONS[dataset].split_bys[0]
-        check_choice(f"data.split_by for {dataset}", split_by, COLLECTIONS[dataset].split_bys)
-        check_choice("data.train_sentences", train_sentences, TRAIN_SENTENCES)
-        check_choice("data.sentence_field", sentence_field, SENTENCE_FIELDS)
+        check_split_by(dataset, split_by, "data.")
         check_template(prompt_template, DESCRIPTION)
         for name, size in (("image_size", image_size), ("mask_size", mask_size)):
             if size is not None and size < 1:
