@@ -11,7 +11,6 @@ from mit_lightning.metrics.sentiment import (
     SENTIMENT_METRIC_NAMES,
     SentimentMetrics,
     sentiment_scores,
-    weighted_binary_f1,
 )
 
 
@@ -73,15 +72,19 @@ def test_binary_conventions_split_on_neutral_labels():
     assert result["F1_non0"] == pytest.approx(3 / 5)
 
 
+def f1_has0(positive_pred: list[bool], positive_true: list[bool]) -> float:
+    """F1_has0 of predictions and labels whose signs are the given booleans."""
+    signed = lambda flags: torch.tensor([1.0 if flag else -1.0 for flag in flags])  # noqa: E731
+    return sentiment_scores(signed(positive_pred), signed(positive_true))["F1_has0"].item()
+
+
 def test_weighted_f1_differs_from_accuracy_by_hand():
-    pred = torch.tensor([True, True, True, True, False])
-    true = torch.tensor([True, True, True, False, False])
     # class T: TP 3, |pred| 4, |true| 3 → 6/7; class F: TP 1, |pred| 1, |true| 2 → 2/3
     # weighted (3 * 6/7 + 2 * 2/3) / 5 = (18/7 + 4/3) / 5 = 82/105
-    assert weighted_binary_f1(pred, true).item() == pytest.approx(82 / 105)
+    assert f1_has0([True, True, True, True, False], [True, True, True, False, False]) == pytest.approx(82 / 105)
     # a class never predicted nor present weighs 0; a class never predicted scores 0
-    assert weighted_binary_f1(torch.tensor([True, True]), torch.tensor([True, True])).item() == 1.0
-    assert weighted_binary_f1(torch.tensor([True, True]), torch.tensor([True, False])).item() == pytest.approx(1 / 3)
+    assert f1_has0([True, True], [True, True]) == 1.0
+    assert f1_has0([True, True], [True, False]) == pytest.approx(1 / 3)
 
 
 def test_duplicates_are_counted_once():

@@ -15,32 +15,22 @@ single sample), and both non0 scores when every label is exactly 0.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torchmetrics.functional import pearson_corrcoef
+from torchmetrics.functional.classification import multiclass_f1_score
 
 from mit_lightning.metrics.base import PerSampleMetric
 
 SENTIMENT_METRIC_NAMES = ("MAE", "Corr", "Acc7", "Acc5", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0")
 
 
-def weighted_binary_f1(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Support-weighted mean over both classes of F1 = 2·TP / (|predicted| + |true|); a class that is
-    neither predicted nor present scores 0 and weighs 0."""
-    scores = []
-    supports = []
-    for label in (False, True):
-        predicted, actual = pred == label, true == label
-        hits = (predicted & actual).sum().double()
-        total = (predicted.sum() + actual.sum()).double()
-        scores.append(torch.where(total > 0, 2 * hits / total.clamp_min(1), torch.zeros_like(total)))
-        supports.append(actual.sum().double())
-    return (torch.stack(scores) * torch.stack(supports)).sum() / true.numel()
-
-
 def _pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    pred, target = pred - pred.mean(), target - target.mean()
-    denominator = (pred.square().sum() * target.square().sum()).sqrt()
-    nan = torch.full_like(denominator, float("nan"))
-    return torch.where(denominator > 0, (pred * target).sum() / denominator.clamp_min(1e-300), nan)
+    """torchmetrics' Pearson; NaN where it is undefined (documented above), without its warning each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The variance of predictions or target is close to zero")
+        return pearson_corrcoef(pred, target)
 
 
 def _rounded_accuracy(pred: torch.Tensor, target: torch.Tensor, bound: float) -> torch.Tensor:
@@ -55,7 +45,8 @@ def _binary_scores(positive_pred: torch.Tensor, positive_true: torch.Tensor) -> 
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=positive_true.device)
         return nan, nan
     accuracy = (positive_pred == positive_true).double().mean()
-    return accuracy, weighted_binary_f1(positive_pred, positive_true)
+    f1 = multiclass_f1_score(positive_pred.long(), positive_true.long(), num_classes=2, average="weighted")
+    return accuracy, f1.double()
 
 
 def sentiment_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
