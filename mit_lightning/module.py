@@ -110,8 +110,10 @@ class MiTModule(L.LightningModule):
         self.vision_shape = VisionShape.from_architecture(vision.architecture()) if vision else None
         if vision is not None:
             vision.weights_path()
-        with torch.device("meta"):
-            self.fusion_factory(self.dims(DataSpec()))
+        with torch.device("meta"):  # the trainable parts' settings fail here, before minutes of loading weights
+            placeholder = self.dims(DataSpec(num_classes=2))  # the class count comes from the data later
+            self.fusion_factory(placeholder)
+            self.head_factory(placeholder)
         self.strict_loading = False  # frozen weights are not in checkpoints; on_load_checkpoint checks the rest
         self.llm: FrozenLLM | None = None
         self.vision: FrozenCLIP | None = None

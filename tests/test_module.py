@@ -150,3 +150,20 @@ def test_an_llm_without_the_taps_fails_loudly_instead_of_running_text_only():
     module.llm.model.set_attn_implementation("sdpa")  # routed around the tapped attention
     with pytest.raises(RuntimeError, match="did not reach layer 2 kv, layer 4 kv"):
         module(batch())
+
+
+def test_bad_head_settings_fail_before_any_backbone_is_loaded(monkeypatch):
+    import mit_lightning.module as module_file
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a backbone was loaded before the head's settings were checked")
+
+    monkeypatch.setattr(module_file, "FrozenLLM", no_loading)
+    monkeypatch.setattr(module_file, "FrozenCLIP", no_loading)
+    with pytest.raises(UserError, match=r"vision_blocks \[9\]"):
+        MiTModule(
+            head=partial(ReferringSegmentation, vision_blocks=(9,), width=32),
+            llm=LLMConfig(path="tiny", dtype="float32"),
+            vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
+            fusion=partial(MiT, layers=[2, 4]),
+        )
