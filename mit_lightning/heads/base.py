@@ -14,13 +14,11 @@ from mit_lightning.fusion.base import FusionInputs
 class TaskHead(nn.Module):
     """Predictions from the fused text feature (B, d_T) and, where needed, the encoders' outputs.
 
-    `vision_blocks` lists the CLIP blocks whose patch tokens the head reads; `selection_metric`
-    and `selection_mode` say how to pick the best checkpoint on the validation split.
+    `vision_blocks` lists the CLIP blocks whose patch tokens the head reads. (Which validation metric
+    picks the best checkpoint is the config's ModelCheckpoint setting.)
     """
 
     vision_blocks: tuple[int, ...] = ()
-    selection_metric: str = "loss"
-    selection_mode: str = "min"
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -27,9 +27,6 @@ class ImageTextClassification(TaskHead):
         num_classes: class count; None = read from the data (101 for Food101, 3 for SNLI-VE).
     """
 
-    selection_metric = "accuracy"
-    selection_mode = "max"
-
     def __init__(self, dims: ModelDims, hidden: int = 1024, dropout: float = 0.1, num_classes: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes or dims.num_classes

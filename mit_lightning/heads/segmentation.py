@@ -88,9 +88,6 @@ class ReferringSegmentation(TaskHead):
         loss: "dice" (paper, Eq. 8), "bce", "ce" (two logits, argmax decision) or "dice+bce".
     """
 
-    selection_metric = "oIoU"
-    selection_mode = "max"
-
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int = 256, loss: str = "dice"
     ) -> None:

@@ -25,9 +25,6 @@ class SentimentRegression(TaskHead):
         dropout: dropout before the output layer.
     """
 
-    selection_metric = "loss"
-    selection_mode = "min"
-
     def __init__(self, dims: ModelDims, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         self.regressor = nn.Sequential(
