@@ -1,18 +1,7 @@
 """What every MiT data module shares: the batch contract, the data spec and the dataloaders.
 
-Batch contract (a dict, produced by `collate`):
-- ``prompt``: list[str] — the task prompt with the sample's text filled in (tokenised by the model,
-  so data modules stay independent of the LLM).
-- ``index``: LongTensor (B,) — the sample's position in its split; metrics use it to count every
-  evaluation sample exactly once under DDP.
-- ``image``: uint8 (B, 3, S, S) — resized to the vision tower's input size; normalised on device.
-- task targets: ``mask`` (segmentation), ``label`` (classification: long, sentiment: float).
-- sequence modalities: ``<name>`` float (B, T, D) and ``<name>_mask`` bool (B, T), True = real step.
-- ``skipped``: list[str] — paths of the samples dropped because their image could not be decoded
-  (always present, usually empty). When every sample of a batch was dropped, the batch is only
-  ``{"index": empty long tensor, "prompt": [], "skipped": [...]}`` and the model skips it.
-
-What happens with bad input is the same for every data module: see `mit_lightning.data.records`.
+The batch contract is `Batch` below, produced by `collate`. What happens with bad input is the
+same for every data module: see `mit_lightning.data.records`.
 """
 
 from __future__ import annotations
@@ -20,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import lightning as L
 import torch
@@ -59,7 +48,36 @@ def fill_template(template: str, placeholder: str, text: str) -> str:
     return template.replace(placeholder, text)
 
 
-def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, Any]:
+class Batch(TypedDict, total=False):
+    """What a dataloader yields and the model reads. Always present: ``prompt``, ``index``, ``skipped``.
+
+    Sequence modalities add two keys each, named after the modality: ``<name>`` float (B, T, D) and
+    ``<name>_mask`` bool (B, T), True = a real step (e.g. ``audio``/``audio_mask``).
+    """
+
+    #: the task prompt with the sample's text filled in (tokenised by the model: data stays LLM-independent)
+    prompt: list[str]
+    #: the sample's position in its split; metrics use it to count every evaluation sample once under DDP
+    index: torch.Tensor
+    #: paths of samples dropped because their image could not be decoded (usually empty); a batch whose
+    #: samples were all dropped holds only ``index`` (empty), ``prompt`` ([]) and ``skipped``
+    skipped: list[str]
+    #: uint8 (B, 3, S, S) at the vision tower's input size; normalised on the device
+    image: torch.Tensor
+    #: segmentation target: uint8 (B, H, W), or a list of (H_i, W_i) masks at the images' original sizes
+    mask: torch.Tensor | list[torch.Tensor]
+    #: classification: long (B,); sentiment: float (B,)
+    label: torch.Tensor
+    #: ids and texts that join a sample back to its dataset (present where the dataset has them)
+    ref_id: torch.Tensor
+    sent_id: torch.Tensor
+    id: list[str]
+    image_path: list[str]
+    sentence: list[str]
+    text: list[str]
+
+
+def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> Batch:
     """Stack what has one shape, keep lists of the rest (strings, masks at their original sizes).
 
     `UnreadableImage` markers are dropped and their paths listed in ``skipped``.
@@ -67,7 +85,7 @@ def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, An
     kept = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
     skipped = [sample.path for sample in samples if isinstance(sample, UnreadableImage)]
     if not kept:
-        return {"index": torch.empty(0, dtype=torch.long), "prompt": [], "skipped": skipped}
+        return Batch(index=torch.empty(0, dtype=torch.long), prompt=[], skipped=skipped)
     batch: dict[str, Any] = {}
     for key in kept[0]:
         values = [sample[key] for sample in kept]
@@ -84,7 +102,7 @@ def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> dict[str, An
         else:
             batch[key] = values
     batch["skipped"] = skipped
-    return batch
+    return Batch(**batch)
 
 
 class MiTDataModule(L.LightningDataModule):
