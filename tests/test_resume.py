@@ -90,7 +90,8 @@ def run(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
         "--data.test_images", "4", "--data.batch_size", "16", "--data.num_workers", "0", *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+                          start_new_session=True)  # its own process group, like a cluster job
 
 
 def final_state(tmp_path: Path, name: str) -> dict:
@@ -140,6 +141,20 @@ def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step
     assert_same_training_state(state, reference)
     assert (state["folder"] / "config.yaml").is_file() and (state["folder"] / "config.resume-1.yaml").is_file()
     assert len(list(state["folder"].glob("events.out.tfevents.*"))) >= 2  # the same TensorBoard run, continued
+
+
+@pytest.mark.slow
+def test_a_job_whose_whole_process_group_is_terminated_stops_cleanly_and_resumes_exactly(uninterrupted):
+    """Schedulers signal every process of a job: the dataloader workers leave SIGTERM to the main process."""
+    tmp_path, reference = uninterrupted
+    workers = ["--data.num_workers", "2"]  # the reference ran without workers: the order must not depend on them
+    killed = run(tmp_path, "group", *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep",
+                 "--trainer.callbacks.step", "6", "--trainer.callbacks.whole_group", "true")
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    assert "Traceback" not in killed.stderr and "Logging error" not in killed.stderr
+    resumed = run(tmp_path, "group", *workers, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(final_state(tmp_path, "group"), reference)
 
 
 # --- checkpoint shortcuts and start-up checks -------------------------------------------------------

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TypedDict
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -103,6 +105,13 @@ def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> Batch:
             batch[key] = values
     batch["skipped"] = skipped
     return Batch(**batch)
+
+
+def _start_worker(worker_id: int) -> None:
+    """A pre-emption's SIGTERM reaches the whole process group: workers leave it to the main process,
+    which finishes the batch, saves the latest checkpoint and then stops them (see `resume.py`)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
 
 
 class MiTDataModule(L.LightningDataModule):
@@ -243,6 +252,7 @@ class MiTDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
+            worker_init_fn=_start_worker,
         )
 
     def train_dataloader(self) -> DataLoader:
