@@ -9,31 +9,18 @@ parameter-efficient setting).
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from mit_lightning.backbones.lora import LoRA
-from mit_lightning.fusion.base import ModelDims
 from mit_lightning.fusion.tokens import TokenFusion
 
 
 class TokenConcat(TokenFusion):
-    """Prefix the prompt with projected modality tokens.
+    """Prefix the prompt with projected modality tokens; nothing else changes in the LLM.
 
-    Args:
+    Args (those of `TokenFusion`):
         vision_block: 1-based CLIP block whose patch tokens are used; None = the penultimate block (LLaVA).
         projector: "linear" or "mlp" (two layers with GELU, LLaVA-1.5).
         modalities: the token sources in order ("image", sequence modalities); None = all the model has.
         lora: LoRA on the frozen LLM (peft); None = no LoRA.
+        projector_bias: whether the projector has biases.
     """
 
     method = "TokenConcat"
-
-    def __init__(
-        self,
-        dims: ModelDims,
-        vision_block: int | None = None,
-        projector: str = "mlp",
-        modalities: Sequence[str] | None = None,
-        lora: LoRA | None = None,
-    ) -> None:
-        super().__init__(dims, vision_block=vision_block, projector=projector, modalities=modalities, lora=lora)
