@@ -12,8 +12,8 @@ from mit_lightning.backbones.lora import LoRA
 from mit_lightning.backbones.vision import VisionConfig
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError
-from mit_lightning.fusion import PILL, MiT, TokenConcat
-from mit_lightning.heads import ReferringSegmentation
+from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
+from mit_lightning.heads import ImageTextClassification, ReferringSegmentation
 from mit_lightning.module import MiTModule, is_trainable_key
 
 SPEC = DataSpec(eval_splits={"validate": ["val"], "test": ["testA", "testB"], "predict": ["testA"]})
@@ -218,3 +218,15 @@ def test_token_methods_read_the_frames_and_build_no_sequence_encoder():
     assert inputs.sequences["audio"] is frames["audio"] and inputs.sequence_masks["audio"] is frames["audio_mask"]
     assert set(inputs.vectors) == {"image"}
     assert built["concat"]({**batch(), **frames}).shape[0] == 3
+
+
+@pytest.mark.parametrize("fusion", [TokenConcat, partial(PILL, rank=4), partial(ModeX, rank=4)], ids=["concat", "pill", "modex"])
+def test_token_methods_train_the_classification_head_with_the_image_vector(fusion):
+    module = MiTModule(head=partial(ImageTextClassification, hidden=16), llm=LLMConfig(path="tiny", dtype="float32"),
+                       vision=VisionConfig(name="tiny", weights=None, dtype="float32"), fusion=fusion)
+    module.build(DataSpec(num_classes=5))
+    classification_batch = {**batch(), "label": torch.tensor([0, 3, 4])}
+    module.training_step(classification_batch, 0).backward()
+    assert module(classification_batch).shape == (3, 5)
+    assert all(p.grad is not None for p in module.head.parameters())
+    assert all(p.grad is not None for p in module.fusion.tokens.parameters())
