@@ -329,7 +329,7 @@ class MiTModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         scheduler = self.lr_scheduler_factory(optimizer)
         if hasattr(scheduler, "set_total_steps"):  # a schedule over the run's length (WarmupCosine)
-            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         interval = getattr(scheduler, "interval", "epoch")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 

@@ -56,8 +56,10 @@ class WarmupCosine(LRScheduler):
         self.warmup, self.final_factor, self.total_steps = warmup, final_factor, total_steps
         super().__init__(optimizer, last_epoch)
 
-    def set_total_steps(self, total_steps: int) -> None:
+    def set_total_steps(self, total_steps: float) -> None:
         """Fix the run's length and set the learning rates of the current step accordingly."""
+        if not math.isfinite(total_steps):
+            raise UserError("WarmupCosine needs a run of known length: set trainer.max_epochs or trainer.max_steps.")
         if total_steps < 1:
             raise UserError(f"WarmupCosine needs a run of at least one optimizer step; got {total_steps}.")
         self.total_steps = int(total_steps)

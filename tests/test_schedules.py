@@ -49,3 +49,5 @@ def test_bad_settings_are_refused():
         WarmupCosine(optimizer, final_factor=2.0)
     with pytest.raises(UserError, match="at least one optimizer step"):
         WarmupCosine(optimizer).set_total_steps(0)
+    with pytest.raises(UserError, match="set trainer.max_epochs or trainer.max_steps"):
+        WarmupCosine(optimizer).set_total_steps(float("inf"))  # what Lightning estimates for an endless run
