@@ -308,3 +308,21 @@ def test_lora_on_layers_the_llm_does_not_have_names_the_ones_it_has(tiny_clip):
     concat = TokenConcat(vision_dims(llm, tiny_clip), lora=LoRA(target_modules=["query", "value"]))
     with pytest.raises(UserError, match=r"do not match the LLM's layers.*'q_proj'"):
         concat.attach(llm)
+
+
+# --- activation checkpointing ----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["pill_stage2", "modex"])
+def test_recomputed_layers_see_their_payload_again(tiny_clip, method):
+    """With activation checkpointing the layers run again in backward: same gradients as without."""
+    gradients = []
+    for checkpointing in (False, True):
+        llm = FrozenLLM(LLMConfig(path="tiny", dtype="float32", activation_checkpointing=checkpointing)).train()
+        torch.manual_seed(0)
+        fusion = METHODS[method](vision_dims(llm, tiny_clip))
+        perturb(fusion.parameters(), scale=0.1)
+        fusion.attach(llm)
+        ids, mask = llm.tokenize(PROMPTS, "cpu")
+        fusion(llm, ids, mask, image_inputs(tiny_clip, fusion.vision_blocks)).square().sum().backward()
+        gradients.append({name: p.grad for name, p in fusion.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=1e-4)
