@@ -73,8 +73,10 @@ def concat_like(llm: FrozenLLM, clip, fusion) -> TokenConcat:
 
 
 # --- identity at initialisation ------------------------------------------------------------------
-@pytest.mark.parametrize("preset", FAMILIES)
-@pytest.mark.parametrize("method", ["modex", "pill_stage1", "lora"])
+@pytest.mark.parametrize(
+    "preset, method",
+    [*((preset, "modex") for preset in FAMILIES), ("tiny", "pill_stage1"), ("tiny", "lora")],
+)
 def test_fresh_method_equals_token_concatenation_with_its_projector(tiny_clip, preset, method):
     """ModeX (zero ups), PILL without MAG (zero W_up) and LoRA (B = 0) change nothing at the start."""
     llm = fresh_llm(preset)
