@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import lightning as L
 import torch
@@ -21,10 +21,12 @@ from torch import nn
 
 from mit_lightning.backbones.fingerprint import check_same_backbones, llm_fingerprint, vision_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
+from mit_lightning.backbones.lora import adapter_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError
+from mit_lightning.checkpoints import load_weights_file
+from mit_lightning.errors import UserError, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
 from mit_lightning.heads.base import TaskHead
@@ -37,9 +39,13 @@ BACKBONES_ENTRY = "mit_backbones"
 FROZEN_SUBMODULES = ("llm", "vision")
 
 
-def is_trainable_key(name: str) -> bool:
-    """The one predicate deciding what MiT trains and what checkpoints hold."""
-    return name.split(".", 1)[0] not in FROZEN_SUBMODULES
+def is_trainable_key(name: str, adapters: Collection[str] = ()) -> bool:
+    """The one predicate deciding what trains and what checkpoints hold.
+
+    Everything outside the frozen backbones, plus `adapters`: the names of adapter weights a fusion
+    method added inside them (LoRA, found by `MiTModule.adapter_names`).
+    """
+    return name.split(".", 1)[0] not in FROZEN_SUBMODULES or name in adapters
 
 
 @dataclass
@@ -72,11 +78,16 @@ class MiTModule(L.LightningModule):
         head: the task head (class path), e.g. mit_lightning.heads.ReferringSegmentation.
         llm: the frozen LLM.
         vision: the frozen CLIP vision tower; null for text + sequence tasks.
-        fusion: how the modalities reach the LLM (class path): MiT (default), TokenConcat, TextOnly, LateAddition.
+        fusion: how the modalities reach the LLM (class path): MiT (default), TokenConcat, PILL, ModeX, TextOnly,
+            LateAddition.
         sequence_modalities: feature sequences encoded by trainable encoders and fused (e.g. [audio, facial]).
         sequence_encoder: settings of those encoders.
         optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper).
-        lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper).
+        lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper), or
+            per optimizer step for a schedule that says so (`interval = "step"`, e.g. mit_lightning.schedules.WarmupCosine).
+        init_weights: a checkpoint written by `mit fit` whose trainable weights this run starts from, with a fresh
+            optimizer at epoch 0 (e.g. PILL stage 2 from stage 1). Read when fitting starts; a checkpoint given to
+            `--ckpt_path` (resuming, testing) takes precedence.
         allow_other_backbones: use a checkpoint on frozen backbones other than those it was trained on
             (refused by default: checkpoints record which LLM and CLIP they were trained on).
     """
@@ -91,9 +102,11 @@ class MiTModule(L.LightningModule):
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        init_weights: str | None = None,
         allow_other_backbones: bool = False,
     ) -> None:
         super().__init__()
+        self.init_weights = init_weights
         self.llm_config = llm
         self.vision_config = vision
         self.sequence_modalities = list(sequence_modalities or [])
@@ -111,7 +124,10 @@ class MiTModule(L.LightningModule):
         if vision is not None:
             vision.weights_path()
         with torch.device("meta"):  # the trainable parts' settings fail here, before minutes of loading weights
-            placeholder = self.dims(DataSpec(num_classes=2))  # the class count comes from the data later
+            # the class count and the sequences' feature sizes come from the data later: any value checks the rest
+            placeholder = self.dims(
+                DataSpec(num_classes=2, sequence_dims=dict.fromkeys(self.sequence_modalities, 1))
+            )
             self.fusion_factory(placeholder)
             self.head_factory(placeholder)
         self.strict_loading = False  # frozen weights are not in checkpoints; on_load_checkpoint checks the rest
@@ -138,6 +154,7 @@ class MiTModule(L.LightningModule):
         return ModelDims(
             llm=self.llm_shape,
             vectors=vectors,
+            sequences={name: spec.sequence_dims[name] for name in self.sequence_modalities if name in spec.sequence_dims},
             vision_width=vision.width if vision else None,
             vision_depth=vision.depth if vision else None,
             vision_grid=vision.grid if vision else None,
@@ -147,6 +164,8 @@ class MiTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.llm is None:
             self.build(self._data_spec())
+            if self.init_weights and self._trainer is not None and self._trainer.state.fn == "fit":
+                self.load_trainable_weights(self.init_weights)
 
     def _data_spec(self) -> DataSpec:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -162,6 +181,9 @@ class MiTModule(L.LightningModule):
         self.llm = FrozenLLM(self.llm_config)
         self.vision = FrozenCLIP(self.vision_config) if self.vision_config else None
         self.backbones = {"llm": llm_fingerprint(self.llm_config), "vision": vision_fingerprint(self.vision_config)}
+        dims = self.dims(spec)
+        self.fusion = self.fusion_factory(dims)
+        self.fusion.attach(self.llm)
         encoder = self.sequence_encoder_config
         self.sequence_encoders = nn.ModuleDict(
             {
@@ -169,12 +191,9 @@ class MiTModule(L.LightningModule):
                     spec.sequence_dims[name], width=encoder.width, layers=encoder.layers, heads=encoder.heads,
                     dropout=encoder.dropout,
                 )
-                for name in self.sequence_modalities
+                for name in (self.sequence_modalities if self.fusion.needs_sequence_vectors else [])
             }
         )
-        dims = self.dims(spec)
-        self.fusion = self.fusion_factory(dims)
-        self.fusion.attach(self.llm)
         self.head = self.head_factory(dims)
         self._eval_splits = spec.eval_splits
         self.eval_metrics = nn.ModuleDict(
@@ -190,8 +209,18 @@ class MiTModule(L.LightningModule):
         return tuple(sorted(set(self.fusion.vision_blocks) | set(self.head.vision_blocks)))
 
     # --- parameters -----------------------------------------------------------------------------
+    def adapter_names(self) -> set[str]:
+        """Names of the adapter weights (LoRA) a fusion method added inside the frozen LLM."""
+        return adapter_parameter_names(self.llm, prefix="llm") if self.llm is not None else set()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if is_trainable_key(name) and p.requires_grad]
+        adapters = self.adapter_names()
+        return [p for name, p in self.named_parameters() if is_trainable_key(name, adapters) and p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What checkpoints hold: the state of everything that is not frozen (trainable or not in this stage)."""
+        adapters = self.adapter_names()
+        return {name: value for name, value in self.state_dict().items() if is_trainable_key(name, adapters)}
 
     def parameter_counts(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.trainable_parameters())
@@ -213,7 +242,12 @@ class MiTModule(L.LightningModule):
             vectors["image"], tokens = vision.embedding, vision.tokens
         for name, encoder in self.sequence_encoders.items():
             vectors[name] = encoder(batch[name], batch[f"{name}_mask"])
-        return FusionInputs(vectors=vectors, vision_tokens=tokens)
+        return FusionInputs(
+            vectors=vectors,
+            vision_tokens=tokens,
+            sequences={name: batch[name] for name in self.sequence_modalities},
+            sequence_masks={name: batch[f"{name}_mask"] for name in self.sequence_modalities},
+        )
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
@@ -311,11 +345,15 @@ class MiTModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if hasattr(scheduler, "set_total_steps"):  # a schedule over the run's length (WarmupCosine)
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
+        interval = getattr(scheduler, "interval", "epoch")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k)}
+        adapters = self.adapter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k, adapters)}
         checkpoint[BACKBONES_ENTRY] = self.backbones
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -324,12 +362,31 @@ class MiTModule(L.LightningModule):
         FSDP loads the weights itself before this hook and takes them out of `checkpoint`: then there
         is nothing left to check here (torch still refuses weights of another shape).
         """
-        if BACKBONES_ENTRY in checkpoint and not self.allow_other_backbones:
-            check_same_backbones(checkpoint[BACKBONES_ENTRY], self.backbones, "The checkpoint")
+        self._check_backbones(checkpoint, "The checkpoint")
         if "state_dict" not in checkpoint:
             return
+        self._check_fits(checkpoint["state_dict"], "The checkpoint")
+
+    def load_trainable_weights(self, path: str) -> None:
+        """Start from the trainable weights of a `mit fit` checkpoint (`init_weights`); nothing else is restored."""
+        path = expand_env(path)
+        checkpoint = load_weights_file(path, "init_weights checkpoint")
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise UserError(f"model.init_weights '{path}' holds no state_dict: give a .ckpt file written by `mit fit`.")
         saved = checkpoint["state_dict"]
-        expected = {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
+        self._check_backbones(checkpoint, f"model.init_weights '{path}'")
+        self._check_fits(saved, f"model.init_weights '{path}'")
+        self.load_state_dict(saved, strict=False)
+        rank_zero_info(f"Trainable weights initialised from {path} ({len(saved)} tensors); optimizer and epoch start afresh.")
+
+    def _check_backbones(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Trained on the backbones loaded now (unless allow_other_backbones)."""
+        if BACKBONES_ENTRY in checkpoint and not self.allow_other_backbones:
+            check_same_backbones(checkpoint[BACKBONES_ENTRY], self.backbones, source)
+
+    def _check_fits(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """The saved trainable weights must be exactly this model's, key for key and shape for shape."""
+        expected = self.trainable_state()
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         mismatched = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
@@ -340,8 +397,9 @@ class MiTModule(L.LightningModule):
                 if keys
             )
             raise UserError(
-                f"The checkpoint does not fit this model ({details}). It was trained with another model configuration: "
-                "evaluate it with the config stored in it (mit test --ckpt_path ... without changing model.*)."
+                f"{source} does not fit this model ({details}). It was trained with another model configuration: "
+                "evaluate it with the config stored in it (mit test --ckpt_path ... without changing model.*), or "
+                "start from it only with the same model.fusion, model.head and encoders."
             )
 
 

@@ -8,22 +8,23 @@ import pytest
 import torch
 
 from mit_lightning.backbones.llm import LLMConfig
+from mit_lightning.backbones.lora import LoRA
 from mit_lightning.backbones.vision import VisionConfig
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError
-from mit_lightning.fusion import MiT
-from mit_lightning.heads import ReferringSegmentation
+from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
+from mit_lightning.heads import ImageTextClassification, ReferringSegmentation
 from mit_lightning.module import MiTModule, is_trainable_key
 
 SPEC = DataSpec(eval_splits={"validate": ["val"], "test": ["testA", "testB"], "predict": ["testA"]})
 
 
-def segmentation_module(**kwargs) -> MiTModule:
+def segmentation_module(fusion=partial(MiT, layers=[2, 4]), **kwargs) -> MiTModule:
     module = MiTModule(
         head=partial(ReferringSegmentation, vision_blocks=(4, 2), width=32),
         llm=LLMConfig(path="tiny", dtype="float32"),
         vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
-        fusion=partial(MiT, layers=[2, 4]),
+        fusion=fusion,
         **kwargs,
     )
     module.build(SPEC)
@@ -128,12 +129,14 @@ def moved(module: MiTModule) -> MiTModule:
     return module.eval()
 
 
+@pytest.mark.parametrize("fusion", [partial(MiT, layers=[2, 4]), partial(PILL, rank=4),
+                                    partial(TokenConcat, lora=LoRA(rank=2))], ids=["mit", "pill", "concat_lora"])
 @pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
-def test_copies_of_the_module_keep_their_own_working_infusion(copy_kind):
+def test_copies_of_the_module_keep_their_own_working_infusion(copy_kind, fusion):
     import copy
     import pickle
 
-    module = moved(segmentation_module())
+    module = moved(segmentation_module(fusion))
     copied = copy.deepcopy(module) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(module))
     with torch.no_grad():
         original = module(batch())
@@ -167,3 +170,80 @@ def test_bad_head_settings_fail_before_any_backbone_is_loaded(monkeypatch):
             vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
             fusion=partial(MiT, layers=[2, 4]),
         )
+
+
+# --- LoRA, starting weights, token methods -------------------------------------------------------------
+LORA_CONCAT = partial(TokenConcat, projector="linear", lora=LoRA(rank=2, target_modules=["q_proj", "v_proj"], dropout=0.1))
+
+
+def test_lora_weights_train_and_are_saved_while_the_frozen_ones_are_not():
+    module = segmentation_module(LORA_CONCAT)
+    lora = {name for name, _ in module.llm.named_parameters(prefix="llm") if ".lora_" in name}
+    assert module.adapter_names() == lora and len(lora) == 4 * 2 * 2  # A and B of q and v in 4 layers
+    assert not any(is_trainable_key(name) for name in lora) and all(is_trainable_key(name, lora) for name in lora)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    own = {name for name in module.state_dict() if name.startswith(("fusion.", "head."))}
+    assert set(checkpoint["state_dict"]) == own | lora
+    module.on_load_checkpoint(checkpoint)  # fits
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for name, p in module.named_parameters() if name in lora} <= in_optimizer
+    assert all(p.dtype == torch.float32 for name, p in module.named_parameters() if name in lora)
+
+
+def test_lora_dropout_follows_the_training_mode_and_the_frozen_layers_stay_in_eval():
+    module = segmentation_module(LORA_CONCAT)
+    wrapped = module.llm.layers[0].self_attn.q_proj
+    module.train()
+    assert wrapped.lora_dropout["default"].training and not wrapped.base_layer.training
+    assert not module.llm.layers[0].mlp.training
+    module.eval()
+    assert not wrapped.lora_dropout["default"].training
+
+
+def test_a_run_can_start_from_the_trainable_weights_of_a_checkpoint(tmp_path):
+    source = moved(segmentation_module(partial(PILL, stage=1, rank=4)))
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": source.trainable_state(), "epoch": 3}, path)
+    target = segmentation_module(partial(PILL, stage=2, rank=4))
+    target.load_trainable_weights(str(path))
+    restored = target.state_dict()
+    assert all(torch.equal(restored[name], value) for name, value in source.trainable_state().items())
+    torch.save({"weights": {}}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="holds no state_dict"):
+        target.load_trainable_weights(str(tmp_path / "plain.pt"))
+    with pytest.raises(UserError, match="stage1.ckpt' does not fit this model"):
+        segmentation_module().load_trainable_weights(str(path))
+
+
+def test_token_methods_read_the_frames_and_build_no_sequence_encoder():
+    spec = DataSpec(sequence_dims={"audio": 5})
+    built = {}
+    for name, fusion in (("mit", partial(MiT, layers=[2])), ("concat", TokenConcat)):
+        module = MiTModule(head=partial(ReferringSegmentation, vision_blocks=(4,), width=32),
+                           llm=LLMConfig(path="tiny", dtype="float32"),
+                           vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
+                           fusion=fusion, sequence_modalities=["audio"])
+        module.build(spec)
+        built[name] = module
+    assert list(built["mit"].sequence_encoders) == ["audio"] and len(built["concat"].sequence_encoders) == 0
+    assert list(built["concat"].fusion.tokens.projectors) == ["image", "audio"]
+    frames = {"audio": torch.randn(3, 6, 5), "audio_mask": torch.ones(3, 6, dtype=torch.bool)}
+    inputs = built["concat"].encode_modalities({**batch(), **frames})
+    assert inputs.sequences["audio"] is frames["audio"] and inputs.sequence_masks["audio"] is frames["audio_mask"]
+    assert set(inputs.vectors) == {"image"}
+    assert built["concat"]({**batch(), **frames}).shape[0] == 3
+
+
+@pytest.mark.parametrize("fusion", [TokenConcat, partial(PILL, rank=4), partial(ModeX, rank=4)], ids=["concat", "pill", "modex"])
+def test_token_methods_train_the_classification_head_with_the_image_vector(fusion):
+    module = MiTModule(head=partial(ImageTextClassification, hidden=16), llm=LLMConfig(path="tiny", dtype="float32"),
+                       vision=VisionConfig(name="tiny", weights=None, dtype="float32"), fusion=fusion)
+    module.build(DataSpec(num_classes=5))
+    classification_batch = {**batch(), "label": torch.tensor([0, 3, 4])}
+    module.training_step(classification_batch, 0).backward()
+    assert module(classification_batch).shape == (3, 5)
+    assert all(p.grad is not None for p in module.head.parameters())
+    assert all(p.grad is not None for p in module.fusion.tokens.parameters())

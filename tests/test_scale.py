@@ -259,7 +259,7 @@ def test_fsdp_units_each_hold_one_dtype(fusion):
     module.build(DataSpec(sequence_dims={"audio": 8}))
     policy: ModuleWrapPolicy = fsdp_strategy().kwargs["auto_wrap_policy"]
     units = [module, *policy._run_policy(module, set(), {})]
-    expected = {*module.llm.layers, module.vision, module.fusion, module.head, module.sequence_encoders["audio"]}
+    expected = {*module.llm.layers, module.vision, module.fusion, module.head, *module.sequence_encoders.values()}
     assert expected <= set(units)
     for unit in units:
         inner = {id(p) for other in units if other is not unit and _contains(unit, other) for p in other.parameters()}

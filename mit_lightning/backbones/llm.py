@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mit_lightning.backbones.lora import set_adapters_training
 from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
 from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
 from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
@@ -204,9 +205,11 @@ class FrozenLLM(nn.Module):
         """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train()).
 
         With activation checkpointing, the decoder layers alone follow `mode`: HF layers checkpoint only
-        while `training` is set, and their submodules (attention, MLP) stay in eval mode.
+        while `training` is set, and their submodules (attention, MLP) stay in eval mode. Adapters a
+        fusion method added (LoRA) follow `mode` too, so that their dropout acts while training.
         """
         super().train(False)
+        set_adapters_training(self.model, mode)
         if self.config.activation_checkpointing:
             from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -15,12 +15,15 @@ class ModelDims:
     """Sizes known before any weight is loaded (from model configs and the data spec).
 
     `vectors` maps each modality to the size of its global vector (image: CLIP's projected
-    embedding d_I; audio/facial: the trainable encoder's width). `vision_*` describe the CLIP
-    tokens (width, number of blocks, patch grid side) for methods and heads that read them.
+    embedding d_I; audio/facial: the trainable encoder's width). `sequences` maps each sequence
+    modality to the feature size of its raw frames (read from the data), for methods that read the
+    frames as tokens. `vision_*` describe the CLIP tokens (width, number of blocks, patch grid
+    side) for methods and heads that read them.
     """
 
     llm: LLMShape
     vectors: dict[str, int] = field(default_factory=dict)
+    sequences: dict[str, int] = field(default_factory=dict)
     vision_width: int | None = None
     vision_depth: int | None = None
     vision_grid: int | None = None
@@ -33,6 +36,8 @@ class FusionInputs:
 
     vectors: dict[str, torch.Tensor]  # modality -> (B, d_m) global vector
     vision_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # CLIP block (1-based) -> (B, N, C) patches
+    sequences: dict[str, torch.Tensor] = field(default_factory=dict)  # sequence modality -> (B, T, D) raw frames
+    sequence_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # sequence modality -> (B, T) bool, True = real
 
 
 class Fusion(nn.Module):
@@ -40,9 +45,12 @@ class Fusion(nn.Module):
 
     `attach` is called once, after the frozen LLM is built, to install whatever the method needs
     inside it. `vision_blocks` lists the CLIP blocks whose patch tokens the method reads.
+    `needs_sequence_vectors` says whether it reads the global vectors of the sequence modalities
+    (acoustic, facial): their trainable encoders are built only then.
     """
 
     vision_blocks: tuple[int, ...] = ()
+    needs_sequence_vectors: bool = True
 
     def attach(self, llm: FrozenLLM) -> None:
         """Install hooks into the frozen LLM; methods that only change the input need nothing."""
