@@ -15,9 +15,12 @@ class TaskHead(nn.Module):
     """Predictions from the fused text feature (B, d_T) and, where needed, the encoders' outputs.
 
     `vision_blocks` lists the CLIP blocks whose patch tokens the head reads; `selection_metric`
-    and `selection_mode` say how to pick the best checkpoint on the validation split.
+    and `selection_mode` say how to pick the best checkpoint on the validation split. `task` names
+    what a trained model answers when used on new inputs (`mit_lightning.inference`): segmentation,
+    classification or sentiment; None for a head that has no such use yet.
     """
 
+    task: str | None = None
     vision_blocks: tuple[int, ...] = ()
     selection_metric: str = "loss"
     selection_mode: str = "min"

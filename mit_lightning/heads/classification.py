@@ -27,6 +27,7 @@ class ImageTextClassification(TaskHead):
         num_classes: class count; None = read from the data (101 for Food101, 3 for SNLI-VE).
     """
 
+    task = "classification"
     selection_metric = "accuracy"
     selection_mode = "max"
 

@@ -25,6 +25,7 @@ class SentimentRegression(TaskHead):
         dropout: dropout before the output layer.
     """
 
+    task = "sentiment"
     selection_metric = "loss"
     selection_mode = "min"
 
