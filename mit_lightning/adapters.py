@@ -84,25 +84,39 @@ class Adapter:
             return None
 
 
-def read_adapter(path: str | os.PathLike, trusted: Sequence[str] = ()) -> Adapter:
-    """A checkpoint file or an export folder. `trusted`: what the user wrote (command line, config files),
-    whose class names a stored config may use besides the project's own."""
+def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
+    """A checkpoint or export path as given, or ``best`` / ``last`` of the newest run of the `configs`
+    (the --config files the run was trained with)."""
+    if ckpt_path not in ("best", "last"):
+        return Path(ckpt_path).expanduser()
+    if not configs:
+        raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
+    from mit_lightning.cli import parse_run_config
+    from mit_lightning.resume import resolve_ckpt_path
+
+    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    return resolve_ckpt_path("test", ckpt_path, trainer)
+
+
+def read_adapter(path: str | os.PathLike, user_args: Sequence[str] = ()) -> Adapter:
+    """A checkpoint file or an export folder. `user_args`: the user's command line (with the config files it
+    names), whose class names a stored config may use besides the project's own (`check_stored_config`)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return read_export(path, trusted)
+        return read_export(path, user_args)
     if not path.exists():
         raise UserError(f"No checkpoint or export at '{path}': give a .ckpt file written by `mit fit` or a folder "
                         "written by `mit export`.")
-    return read_checkpoint(path, trusted)
+    return read_checkpoint(path, user_args)
 
 
-def read_checkpoint(path: Path, trusted: Sequence[str] = ()) -> Adapter:
+def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     checkpoint = load_weights_file(path)
     stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY) if isinstance(checkpoint, dict) else None
     if not stored or "model" not in stored or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' holds no trained MiT model with its run config: use a checkpoint written by "
                         "`mit fit`.")
-    check_stored_config(stored, path, trusted)
+    check_stored_config(stored, path, user_args)
     spec = checkpoint.get(DATA_SPEC_ENTRY)
     return Adapter(
         source=path,
@@ -143,7 +157,7 @@ def _usable(model: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- exports ------------------------------------------------------------------------------------------
-def read_export(folder: Path, trusted: Sequence[str] = ()) -> Adapter:
+def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
     config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
     missing = [path.name for path in (config_path, weights_path) if not path.is_file()]
     if missing:
@@ -157,7 +171,7 @@ def read_export(folder: Path, trusted: Sequence[str] = ()) -> Adapter:
     if config.get("version") != EXPORT_VERSION:
         raise UserError(f"'{config_path}' is version {config.get('version')} of the export format; this mit-lightning "
                         f"reads version {EXPORT_VERSION}. Export the checkpoint again with this version.")
-    check_stored_config({"model": config["model"]}, config_path, trusted)
+    check_stored_config({"model": config["model"]}, config_path, user_args)
     return Adapter(
         source=folder,
         model=config["model"],

@@ -1,4 +1,4 @@
-"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench`.
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus the tools in `TOOLS` (bench, serve, export).
 
 - The run's config is saved in the run directory and inside every checkpoint, so
   `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import tempfile
@@ -46,6 +47,14 @@ from mit_lightning.resume import (
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
 CHECKPOINT_CONFIG_ENTRY = "mit_config"
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: commands that are not Lightning runs: name -> (module whose `main(args)` runs it, what it does)
+TOOLS = {
+    "bench": ("mit_lightning.bench", "measure MiT's speed and memory against the frozen floor and token concatenation"),
+    "serve": ("mit_lightning.serve.cli", "serve trained models over HTTP, with a web page to try them"),
+    "export": ("mit_lightning.export", "write a checkpoint's trained weights and config as a folder to share"),
+}
+TOOLS_HELP = "other commands: " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items()) + \
+    ". Run mit <command> --help for their options."
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -76,6 +85,7 @@ class MiTCLI(LightningCLI):
             save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
             trainer_defaults={"default_root_dir": "runs"},
+            parser_kwargs={"epilog": TOOLS_HELP},
             args=args,
             run=run,
         )
@@ -268,10 +278,8 @@ def parse_run_config(args: Sequence[str]):
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     """Entry point used by the `mit` script and by tests (which pass `args`)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] == "bench":
-        from mit_lightning.bench import main as bench_main
-
-        bench_main(args[1:])
+    if args and args[0] in TOOLS:
+        importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
         return None
     return MiTCLI(args=with_checkpoint_config(args))
 

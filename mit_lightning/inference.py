@@ -338,20 +338,20 @@ def load_adapters(
     llm_path: str | None = None,
     clip_weights: str | None = None,
     allow_other_backbones: bool = False,
-    trusted: Sequence[str] = (),
+    user_args: Sequence[str] = (),
 ) -> dict[str, Predictor]:
     """Load checkpoints or exports as adapters on one LLM (and CLIP), by name.
 
     A source is a path, an `Adapter`, or a (name, path) pair. `llm_path` / `clip_weights` replace where
     the backbones are read from; a model trained on other backbones (by fingerprint) is refused unless
-    `allow_other_backbones`. `trusted`: texts the user wrote, whose class names stored configs may use.
+    `allow_other_backbones`. `user_args`: the user's command line, whose class names stored configs may use.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbones = SharedBackbones()
     predictors: dict[str, Predictor] = {}
     for source in sources:
         wanted, source = source if isinstance(source, tuple) else (None, source)
-        adapter = source if isinstance(source, Adapter) else read_adapter(source, trusted)
+        adapter = source if isinstance(source, Adapter) else read_adapter(source, user_args)
         name = _unique_name(wanted or adapter.name, predictors)
         module = build_module(adapter, llm_path, clip_weights)
         backbones.build(module, adapter, name, shared=len(sources) > 1)
