@@ -111,9 +111,14 @@ class MiTCLI(LightningCLI):
         they name. A run's config travels as its own checked entry instead (`with_checkpoint_config`)."""
 
     def _keep_latest_checkpoint(self) -> None:
-        """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly."""
-        if not any(isinstance(callback, LatestCheckpoint) for callback in self.trainer.callbacks):
-            self.trainer.callbacks.append(LatestCheckpoint())
+        """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly.
+
+        It runs after every other callback: Lightning calls ModelCheckpoint last at a training epoch's end, and
+        last.ckpt must record the best checkpoint that epoch saved (`--ckpt_path best` reads it from there).
+        """
+        callbacks = self.trainer.callbacks
+        latest = [callback for callback in callbacks if isinstance(callback, LatestCheckpoint)] or [LatestCheckpoint()]
+        self.trainer.callbacks = [callback for callback in callbacks if not isinstance(callback, LatestCheckpoint)] + latest
         disable_save_last(self.trainer)
 
     def before_fit(self) -> None:

@@ -56,7 +56,8 @@ class PromptFormat:
     Args:
         template: the prompt, with `placeholder` where the text goes.
         placeholder: ``{text}``, or ``{description}`` for referring expressions.
-        lowercase: the text is lower-cased first (RefCOCO's ``sent`` field, the form models read).
+        lowercase: the text is lower-cased first (RefCOCO's ``sent`` field, the form models read, is lower-cased;
+            its authors also tokenised it, which new text is not).
         strip: surrounding whitespace is dropped first (MMSA's raw texts carry some).
     """
 
