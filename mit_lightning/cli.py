@@ -113,8 +113,8 @@ class MiTCLI(LightningCLI):
     def _keep_latest_checkpoint(self) -> None:
         """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly.
 
-        It runs after every other callback: Lightning calls ModelCheckpoint last at a training epoch's end, and
-        last.ckpt must record the best checkpoint that epoch saved (`--ckpt_path best` reads it from there).
+        It goes after the ModelCheckpoints: Lightning calls checkpoint callbacks in their order, after all others,
+        and last.ckpt must record the best checkpoint its epoch saved (`--ckpt_path best` reads it from there).
         """
         callbacks = self.trainer.callbacks
         latest = [callback for callback in callbacks if isinstance(callback, LatestCheckpoint)] or [LatestCheckpoint()]
