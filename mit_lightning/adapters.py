@@ -191,8 +191,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise unreadable_weights(path, "adapter weights", error) from None
 
 
-def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = False,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write `adapter` as an export folder; a folder that already holds files is refused unless `overwrite`.
+
+    `dtype` stores the floating-point weights in another precision (bfloat16 halves the files; they are
+    cast back to the model's parameters' dtype on loading).
 
     With `overwrite`, only the export's own two files are replaced. Each file is written beside its final
     name and renamed over it, so an interrupted export never leaves a half-written file in place.
@@ -206,7 +210,8 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
         raise UserError(f"'{folder}' is not empty; export into a new or empty folder, or add --overwrite to replace "
                         "an earlier export there.")
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {name: tensor.detach().contiguous().clone() for name, tensor in adapter.weights.items()}
+    weights = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+               .detach().contiguous().clone() for name, tensor in adapter.weights.items()}
     partial = folder / f".{EXPORT_WEIGHTS}.partial"
     save_file(weights, partial, metadata={"format": "pt"})
     os.replace(partial, folder / EXPORT_WEIGHTS)

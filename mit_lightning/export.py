@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+import torch
+
 from mit_lightning.adapters import EXPORT_WEIGHTS, find_checkpoint, read_adapter, write_export
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--config", action="append", default=[],
                         help="the run's config file (to find --ckpt_path best / last); repeatable")
     result.add_argument("--overwrite", action="store_true", help="replace an earlier export in the folder")
+    result.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="store the weights in this precision (default: as trained; bfloat16 halves the size)")
     return result
 
 
@@ -32,7 +38,8 @@ def main(args: Sequence[str]) -> None:
     options = parser().parse_args(args)
     source = find_checkpoint(options.ckpt_path, options.config)
     adapter = read_adapter(source, user_args=args)
-    folder = write_export(adapter, options.output, overwrite=options.overwrite)
+    dtype = DTYPES[options.dtype] if options.dtype else None
+    folder = write_export(adapter, options.output, overwrite=options.overwrite, dtype=dtype)
     size = (folder / EXPORT_WEIGHTS).stat().st_size
     print(f"Exported '{source}' ({adapter.task}, {adapter.parameter_count:,} trainable parameters, "
           f"{size / 1e6:.2f} MB of weights) to {folder}/")

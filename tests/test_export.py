@@ -52,6 +52,18 @@ def test_an_export_predicts_exactly_as_its_checkpoint(demo_run, exported):
     assert load_model(exported, device="cpu").name == "demo-adapter"
 
 
+def test_an_export_in_bfloat16_is_half_the_size_and_loads_into_the_models_precision(demo_run, exported, tmp_path):
+    cli_main(["export", "--ckpt_path", str(demo_run.checkpoint), str(tmp_path / "half"), "--dtype", "bfloat16"])
+    half = load_file(tmp_path / "half" / EXPORT_WEIGHTS)
+    assert {value.dtype for value in half.values()} == {torch.bfloat16}
+    assert (tmp_path / "half" / EXPORT_WEIGHTS).stat().st_size < 0.55 * (exported / EXPORT_WEIGHTS).stat().st_size
+    model = load_model(tmp_path / "half", device="cpu")
+    parameter = next(model.module.head.parameters())
+    assert parameter.dtype == torch.float32
+    name = next(name for name, value in model.module.named_parameters() if value is parameter)
+    torch.testing.assert_close(parameter, half[name].float(), rtol=0, atol=0)
+
+
 def test_export_finds_the_best_checkpoint_of_a_config(demo_run, tmp_path, capsys):
     last = demo_run.checkpoint.parent / "last.ckpt"
     assert best_checkpoint(last) == demo_run.checkpoint  # last.ckpt records the best its epoch saved
