@@ -75,6 +75,17 @@ def test_segmentation_answers_masks_and_overlays_at_the_images_size(client, pred
         assert result["prompt"] == expected["prompt"]
 
 
+def test_the_overlay_stands_out_from_the_object_it_covers():
+    from mit_lightning.callbacks import contrasting_colour, overlay
+
+    image, circle = shapes_image(64)  # a red circle
+    drawn = np.asarray(overlay(image, circle, colour=contrasting_colour(image, circle)), dtype=float)
+    change = np.abs(drawn - np.asarray(image, dtype=float))[circle].sum(axis=-1).mean()
+    assert change > 150  # red over red would change nothing; cyan over red changes a lot
+    grey = ~circle & (np.asarray(image)[..., 1] == 128)
+    assert list(contrasting_colour(image, grey)) == [230, 25, 25]  # red where red shows
+
+
 def test_classification_answers_the_label_and_every_probability(client, predictors):
     image, _ = shapes_image(64)
     response = client.post("/adapters/classification/classify", files={"image": png_bytes(image)},

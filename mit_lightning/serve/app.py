@@ -10,7 +10,8 @@ Endpoints (errors are ``{"error": "..."}`` with a 4xx status; the server keeps s
 
 - ``GET /`` the page; ``GET /adapters`` the loaded adapters, their task and inputs; ``GET /stats`` batching so far
 - ``POST /adapters/{name}/segment`` multipart: ``image`` file, one or more ``expression`` fields →
-  per expression the mask and the overlay as base64 PNG, at the image's own size
+  per expression the mask and the overlay as base64 PNG, at the image's own size (the overlay in the
+  colour that stands out most from the masked pixels: red, or cyan over a red object)
 - ``POST /adapters/{name}/classify`` multipart: ``image`` file, ``text`` → label and probabilities
 - ``POST /adapters/{name}/sentiment`` JSON: ``{"text": ..., "sequences": {"audio": [[...], ...], "facial": ...}}``
   (each sequence steps × features) → score
@@ -38,7 +39,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mit_lightning.callbacks import overlay
+from mit_lightning.callbacks import contrasting_colour, overlay
 from mit_lightning.errors import UserError
 from mit_lightning.inference import InputError, InputTooLarge, Predictor, Sample, read_image
 from mit_lightning.serve.batching import DynamicBatcher
@@ -114,6 +115,10 @@ def _png(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _overlay_png(image: Image.Image, mask: np.ndarray) -> str:
+    return _png(np.asarray(overlay(image, mask, colour=contrasting_colour(image, mask))))
+
+
 def _segmentation_body(image: Image.Image, expressions: list[str], results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "width": image.width,
@@ -124,7 +129,7 @@ def _segmentation_body(image: Image.Image, expressions: list[str], results: list
                 "prompt": result["prompt"],
                 "foreground": float(result["mask"].mean()),
                 "mask_png": _png(result["mask"].astype(np.uint8) * 255),
-                "overlay_png": _png(np.asarray(overlay(image, result["mask"]))),
+                "overlay_png": _overlay_png(image, result["mask"]),
             }
             for expression, result in zip(expressions, results)
         ],
