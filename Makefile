@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.mit-lightning-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
+.PHONY: install demo serve test bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
 
 install: $(INSTALLED)
 
@@ -23,6 +23,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 demo: $(INSTALLED)
 	$(BIN)/mit fit --config configs/demo.yaml
+
+serve: $(INSTALLED)
+	$(BIN)/mit serve --config configs/demo.yaml --ckpt_path best
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench`.
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus the tools in `TOOLS` (bench, serve, export).
 
 - The run's config is saved in the run directory and inside every checkpoint, so
   `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import tempfile
@@ -32,7 +33,7 @@ warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is int
 from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import MiTDataModule
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, user_error_in
 from mit_lightning.module import MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
@@ -46,6 +47,14 @@ from mit_lightning.resume import (
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
 CHECKPOINT_CONFIG_ENTRY = "mit_config"
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: commands that are not Lightning runs: name -> (module whose `main(args)` runs it, what it does)
+TOOLS = {
+    "bench": ("mit_lightning.bench", "measure MiT's speed and memory against the frozen floor and token concatenation"),
+    "serve": ("mit_lightning.serve.cli", "serve trained models over HTTP, with a web page to try them"),
+    "export": ("mit_lightning.export", "write a checkpoint's trained weights and config as a folder to share"),
+}
+TOOLS_HELP = "other commands: " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items()) + \
+    ". Run mit <command> --help for their options."
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -76,6 +85,7 @@ class MiTCLI(LightningCLI):
             save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
             trainer_defaults={"default_root_dir": "runs"},
+            parser_kwargs={"epilog": TOOLS_HELP},
             args=args,
             run=run,
         )
@@ -101,9 +111,14 @@ class MiTCLI(LightningCLI):
         they name. A run's config travels as its own checked entry instead (`with_checkpoint_config`)."""
 
     def _keep_latest_checkpoint(self) -> None:
-        """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly."""
-        if not any(isinstance(callback, LatestCheckpoint) for callback in self.trainer.callbacks):
-            self.trainer.callbacks.append(LatestCheckpoint())
+        """Every run keeps a true latest checkpoint; evaluation runs carry the callback so its state loads quietly.
+
+        It goes after the ModelCheckpoints: Lightning calls checkpoint callbacks in their order, after all others,
+        and last.ckpt must record the best checkpoint its epoch saved (`--ckpt_path best` reads it from there).
+        """
+        callbacks = self.trainer.callbacks
+        latest = [callback for callback in callbacks if isinstance(callback, LatestCheckpoint)] or [LatestCheckpoint()]
+        self.trainer.callbacks = [callback for callback in callbacks if not isinstance(callback, LatestCheckpoint)] + latest
         disable_save_last(self.trainer)
 
     def before_fit(self) -> None:
@@ -119,9 +134,7 @@ class MiTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as error:
-            # jsonargparse reports a class of a union type (e.g. the data module) that failed to build as a
-            # ValueError listing every alternative; the user's actual problem is the UserError it was handling
-            cause = _user_error_in(error)
+            cause = user_error_in(error)
             if cause is None:
                 raise
             raise cause from None
@@ -179,15 +192,6 @@ class MiTCLI(LightningCLI):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(_summary(results) + f"\nTest metrics written to {log_dir / 'test_metrics.json'}")
-
-
-def _user_error_in(error: BaseException) -> UserError | None:
-    """The UserError an exception was raised while handling (its cause or context chain), if any."""
-    while error is not None:
-        if isinstance(error, UserError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def check_writable(trainer_config) -> None:
@@ -279,10 +283,8 @@ def parse_run_config(args: Sequence[str]):
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     """Entry point used by the `mit` script and by tests (which pass `args`)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] == "bench":
-        from mit_lightning.bench import main as bench_main
-
-        bench_main(args[1:])
+    if args and args[0] in TOOLS:
+        importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
         return None
     return MiTCLI(args=with_checkpoint_config(args))
 

@@ -15,6 +15,19 @@ class UserError(Exception):
     """Bad input, missing data or missing weights: the message tells the user what to do."""
 
 
+def user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError an exception was raised while handling (its cause or context chain), if any.
+
+    jsonargparse reports a class that failed to build (e.g. one of a union type) as its own error
+    listing every alternative; the user's actual problem is the UserError it was handling.
+    """
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 _ENV_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: the checkpoint entry recording which frozen backbones the weights were trained on
 BACKBONES_ENTRY = "mit_backbones"
+#: the checkpoint entry recording what the model knows of its data (classes, feature sizes, prompt format)
+DATA_SPEC_ENTRY = "mit_data_spec"
 #: submodules holding frozen weights: never trained, never saved
 FROZEN_SUBMODULES = ("llm", "vision")
 
@@ -113,6 +115,7 @@ class MiTModule(L.LightningModule):
         self.sequence_encoder_config = sequence_encoder
         self.allow_other_backbones = allow_other_backbones
         self.backbones: dict[str, Any] = {}
+        self.data_spec: DataSpec | None = None
         self.fusion_factory = fusion
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
@@ -171,16 +174,24 @@ class MiTModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(datamodule, "spec", None) or DataSpec()
 
-    def build(self, spec: DataSpec) -> None:
-        """Load the frozen backbones and create the trainable parts for this data."""
+    def build(self, spec: DataSpec, llm: FrozenLLM | None = None, vision: FrozenCLIP | None = None) -> None:
+        """Load the frozen backbones and create the trainable parts for this data.
+
+        `llm` / `vision`: backbones already loaded (several trained models served on one LLM); they
+        are used as they are, and recorded as the backbones this module runs on.
+        """
         missing = [name for name in self.sequence_modalities if name not in spec.sequence_dims]
         if missing:
             raise UserError(
                 f"model.sequence_modalities asks for {missing}, but the data provides {sorted(spec.sequence_dims)}."
             )
-        self.llm = FrozenLLM(self.llm_config)
-        self.vision = FrozenCLIP(self.vision_config) if self.vision_config else None
-        self.backbones = {"llm": llm_fingerprint(self.llm_config), "vision": vision_fingerprint(self.vision_config)}
+        self.llm = llm or FrozenLLM(self.llm_config)
+        self.vision = (vision or FrozenCLIP(self.vision_config)) if self.vision_config else None
+        self.backbones = {
+            "llm": llm_fingerprint(self.llm.config),
+            "vision": vision_fingerprint(self.vision.config if self.vision is not None else None),
+        }
+        self.data_spec = spec
         dims = self.dims(spec)
         self.fusion = self.fusion_factory(dims)
         self.fusion.attach(self.llm)
@@ -355,6 +366,8 @@ class MiTModule(L.LightningModule):
         adapters = self.adapter_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k, adapters)}
         checkpoint[BACKBONES_ENTRY] = self.backbones
+        if self.data_spec is not None:
+            checkpoint[DATA_SPEC_ENTRY] = self.data_spec.to_record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits this model before Lightning loads it non-strictly.

@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -60,8 +60,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- the callback -------------------------------------------------------------------------------------
-class LatestCheckpoint(Callback):
+class LatestCheckpoint(Checkpoint):
     """Keeps ``last.ckpt`` in the run's checkpoint folder the true latest state of training.
+
+    A `Checkpoint`, so that Lightning calls it with the checkpoint callbacks, after the others at an epoch's
+    end; placed after the ModelCheckpoints (the CLI does), its last.ckpt records the best they just saved.
 
     Args:
         every_n_train_steps: also write it every N optimizer steps (long epochs); None = epoch ends only.

@@ -48,19 +48,19 @@ def vision_fingerprint(config) -> dict[str, Any] | None:
     return {"path": str(path), "fingerprint": {"name": config.name, "weights": _file_entry(path)}}
 
 
-def check_same_backbones(recorded: dict[str, Any], current: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint trained on other backbones, naming what differs on each side."""
+DEFAULT_HINT = ("Load the backbones it was trained on (model.llm.path, model.vision.name/weights), or set "
+                "--model.allow_other_backbones true to use it on these deliberately.")
+
+
+def check_same_backbones(recorded: dict[str, Any], current: dict[str, Any], source: str, hint: str = DEFAULT_HINT) -> None:
+    """Refuse a checkpoint trained on other backbones, naming what differs on each side; `hint` says what to do."""
     differences = []
     for part, label in (("llm", "LLM"), ("vision", "vision tower")):
         before, now = recorded.get(part), current.get(part)
         if (before or {}).get("fingerprint") != (now or {}).get("fingerprint"):
             differences.append(f"{label}: trained on {_describe(before)}, now {_describe(now)}")
     if differences:
-        raise UserError(
-            f"{source} was trained on other frozen backbones ({'; '.join(differences)}). Load the backbones it was "
-            "trained on (model.llm.path, model.vision.name/weights), or set --model.allow_other_backbones true to use "
-            "it on these deliberately."
-        )
+        raise UserError(f"{source} was trained on other frozen backbones ({'; '.join(differences)}). {hint}")
 
 
 def _describe(entry: dict[str, Any] | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence, TypedDict
 
 import lightning as L
@@ -22,16 +22,6 @@ from mit_lightning.data.sampling import EpochShuffle, ResumableLoader
 from mit_lightning.errors import UserError, existing_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataSpec:
-    """What the model needs to know about the data to size its trainable parts."""
-
-    sequence_dims: dict[str, int] = field(default_factory=dict)  # modality -> feature size, read from the files
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-    eval_splits: dict[str, list[str]] = field(default_factory=dict)  # "validate"/"test"/"predict" -> split names
 
 
 #: the placeholder of the sample's text in classification and sentiment prompt templates
@@ -48,6 +38,64 @@ def check_template(template: str, placeholder: str) -> str:
 def fill_template(template: str, placeholder: str, text: str) -> str:
     """Plain substitution, not str.format: other braces in the template or the text stay as they are."""
     return template.replace(placeholder, text)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a sample's text becomes the LLM prompt: the one rule shared by the datasets and by inference.
+
+    Args:
+        template: the prompt, with `placeholder` where the text goes.
+        placeholder: ``{text}``, or ``{description}`` for referring expressions.
+        lowercase: the text is lower-cased first (RefCOCO's ``sent`` field, the form models read, is lower-cased;
+            its authors also tokenised it, which new text is not).
+        strip: surrounding whitespace is dropped first (MMSA's raw texts carry some).
+    """
+
+    template: str
+    placeholder: str = TEXT_PLACEHOLDER
+    lowercase: bool = False
+    strip: bool = False
+
+    def __post_init__(self) -> None:
+        check_template(self.template, self.placeholder)
+
+    def fill(self, text: str) -> str:
+        text = text.strip() if self.strip else text
+        return fill_template(self.template, self.placeholder, text.lower() if self.lowercase else text)
+
+
+@dataclass
+class DataSpec:
+    """What the model needs to know about the data: sizes of its trainable parts, and how to read new inputs.
+
+    Checkpoints record it (`to_record`), so a trained model can be used on new inputs without its dataset.
+    """
+
+    sequence_dims: dict[str, int] = field(default_factory=dict)  # modality -> feature size, read from the files
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    eval_splits: dict[str, list[str]] = field(default_factory=dict)  # "validate"/"test"/"predict" -> split names
+    prompt: PromptFormat | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data (a checkpoint entry, an export's JSON); the evaluation splits belong to a run, not a model."""
+        return {
+            "sequence_dims": dict(self.sequence_dims),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "prompt": asdict(self.prompt) if self.prompt is not None else None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "DataSpec":
+        prompt = record.get("prompt")
+        return cls(
+            sequence_dims={str(name): int(size) for name, size in (record.get("sequence_dims") or {}).items()},
+            num_classes=record.get("num_classes"),
+            class_names=record.get("class_names"),
+            prompt=PromptFormat(**prompt) if prompt else None,
+        )
 
 
 class Batch(TypedDict, total=False):
@@ -132,6 +180,8 @@ class MiTDataModule(L.LightningDataModule):
     layout_hint = "See data/README.md for the expected layout."
     #: how errors and log lines name the data
     dataset_name = "dataset"
+    #: how the sample's text becomes the prompt (set by each subclass from its prompt_template)
+    prompt_format: PromptFormat | None = None
 
     def __init__(
         self,
@@ -212,6 +262,7 @@ class MiTDataModule(L.LightningDataModule):
     def spec(self) -> DataSpec:
         if self._spec is None:
             spec = self._build_spec()
+            spec.prompt = self.prompt_format
             spec.eval_splits = {
                 "validate": list(self.val_splits),
                 "test": list(self.test_splits),

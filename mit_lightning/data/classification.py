@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, fill_template
+from mit_lightning.data.base import DataSpec, MiTDataModule, PromptFormat
 from mit_lightning.data.images import UnreadableImage, read_rgb, to_square_tensor
 from mit_lightning.data.records import SetupReport
 from mit_lightning.errors import UserError
@@ -41,9 +41,9 @@ class ImageTextRecord:
 class ImageTextDataset(Dataset):
     """Records → items ``prompt, index, image, label, text, image_path`` (or an `UnreadableImage`)."""
 
-    def __init__(self, records: Sequence[ImageTextRecord], prompt_template: str, image_size: int) -> None:
+    def __init__(self, records: Sequence[ImageTextRecord], prompt: PromptFormat, image_size: int) -> None:
         self.records = list(records)
-        self.prompt_template = prompt_template
+        self.prompt = prompt
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -55,8 +55,7 @@ class ImageTextDataset(Dataset):
         if isinstance(image, UnreadableImage):
             return image
         return {
-            # plain substitution, not str.format: other braces in the template or the text stay as they are
-            "prompt": fill_template(self.prompt_template, TEXT_PLACEHOLDER, record.text),
+            "prompt": self.prompt.fill(record.text),
             "index": index,
             "image": to_square_tensor(image, self.image_size),
             "label": record.label,
@@ -107,7 +106,7 @@ class ImageTextClassificationDataModule(MiTDataModule):
         super().__init__(root, train_split=train_split, val_splits=val_splits, test_splits=test_splits,
                          predict_splits=predict_splits, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, pin_memory=pin_memory)
-        self.prompt_template = check_template(prompt_template, TEXT_PLACEHOLDER)
+        self.prompt_format = PromptFormat(prompt_template)
         if image_size is not None and image_size < 1:
             raise UserError(f"data.image_size must be a positive number of pixels, got {image_size}.")
         self.image_size = image_size
@@ -151,7 +150,7 @@ class ImageTextClassificationDataModule(MiTDataModule):
         return records
 
     def _make_dataset(self, split: str, records: list[ImageTextRecord], *, training: bool) -> ImageTextDataset:
-        return ImageTextDataset(records, self.prompt_template, self.image_size or self.model_image_size())
+        return ImageTextDataset(records, self.prompt_format, self.image_size or self.model_image_size())
 
     def _build_spec(self) -> DataSpec:
         return DataSpec(num_classes=len(self.class_names), class_names=list(self.class_names))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +31,16 @@ class UnreadableImage(NamedTuple):
     path: str
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; raises one of `DECODE_ERRORS` (missing/unreadable) for the caller to handle."""
+class ImageTooLarge(ValueError):
+    """An image with more pixels than the caller accepts (found from the header, before decoding)."""
+
+
+def load_rgb(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Open an image (a path or a binary file) as RGB; raises one of `DECODE_ERRORS` (missing/unreadable,
+    or `ImageTooLarge`) for the caller to handle."""
     with Image.open(path) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"it is {image.width}×{image.height} pixels, more than the {max_pixels:,} accepted")
         image.load()
         return image.convert("RGB")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import TEXT_PLACEHOLDER, DataSpec, MiTDataModule, check_template, fill_template
+from mit_lightning.data.base import DataSpec, MiTDataModule, PromptFormat
 from mit_lightning.data.records import SetupReport, as_text, decode_bytes
 from mit_lightning.errors import UserError, existing_path, expand_env
 from mit_lightning.safe_pickle import load_data_pickle
@@ -57,9 +57,9 @@ class _SplitArrays:
 class MMSASplit(Dataset):
     """One split; items follow the batch contract of `mit_lightning.data.base`."""
 
-    def __init__(self, arrays: _SplitArrays, prompt_template: str) -> None:
+    def __init__(self, arrays: _SplitArrays, prompt: PromptFormat) -> None:
         self.arrays = arrays
-        self.prompts = [fill_template(prompt_template, TEXT_PLACEHOLDER, text.strip()) for text in arrays.texts]
+        self.prompts = [prompt.fill(text) for text in arrays.texts]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -150,11 +150,10 @@ class MMSADataModule(MiTDataModule):
                 f"Unknown data.modalities {unknown}; choose among {', '.join(MODALITY_KEYS)} "
                 "(MMSA's 'vision' features are served as 'facial')."
             )
-        check_template(prompt_template, TEXT_PLACEHOLDER)
+        self.prompt_format = PromptFormat(prompt_template, strip=True)
         if max_sequence_length is not None and max_sequence_length < 1:
             raise UserError(f"data.max_sequence_length must be at least 1 (or unset), got {max_sequence_length}.")
         self.aligned = aligned
-        self.prompt_template = prompt_template
         self.max_sequence_length = max_sequence_length
         name = "aligned_50.pkl" if aligned else "unaligned_50.pkl"
         expected = file if file is not None else str(Path(expand_env(root)) / self.dataset / "Processed" / name)
@@ -255,7 +254,7 @@ class MMSADataModule(MiTDataModule):
         return {split: arrays[split] for split in splits}
 
     def _make_dataset(self, split: str, arrays: _SplitArrays, *, training: bool) -> Dataset:
-        return MMSASplit(arrays, self.prompt_template)
+        return MMSASplit(arrays, self.prompt_format)
 
     def _build_spec(self) -> DataSpec:
         dims: dict[str, int] = {}

@@ -28,7 +28,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from mit_lightning.data.base import MiTDataModule, check_template, fill_template
+from mit_lightning.data.base import MiTDataModule, PromptFormat
 from mit_lightning.data.images import UnreadableImage, header_size, read_rgb, resize_mask, to_square_tensor
 from mit_lightning.data.records import SetupReport, as_text
 from mit_lightning.errors import UserError, existing_path
@@ -254,7 +254,7 @@ def check_images(objects: Sequence[ReferredObject], split: str, image_dir: Path)
 class ReferringSegmentationDataset(Dataset):
     """The samples of one split: (object, sentence) pairs, or objects whose sentence is drawn at each access."""
 
-    def __init__(self, objects: Sequence[ReferredObject], *, prompt_template: str, image_size: int,
+    def __init__(self, objects: Sequence[ReferredObject], *, prompt: PromptFormat, image_size: int,
                  mask_size: int | None, random_sentence: bool, sentence_field: str = "sent") -> None:
         """`mask_size=None` keeps masks at the original image size."""
         self.objects = list(objects)
@@ -262,7 +262,7 @@ class ReferringSegmentationDataset(Dataset):
             [(i, None) for i in range(len(self.objects))] if random_sentence
             else [(i, j) for i, obj in enumerate(self.objects) for j in range(len(obj.sentences))]
         )
-        self.prompt_template = prompt_template
+        self.prompt = prompt
         self.image_size = image_size
         self.mask_size = mask_size
         self.sentence_field = sentence_field
@@ -287,7 +287,7 @@ class ReferringSegmentationDataset(Dataset):
             return image
         mask = decode_mask(obj.mask)
         return {
-            "prompt": fill_template(self.prompt_template, DESCRIPTION, getattr(sentence, self.sentence_field)),
+            "prompt": self.prompt.fill(getattr(sentence, self.sentence_field)),
             "index": index,
             "image": to_square_tensor(image, self.image_size),
             "mask": torch.from_numpy(mask) if self.mask_size is None else resize_mask(mask, self.mask_size),
@@ -369,7 +369,7 @@ class RefCOCODataModule(MiTDataModule):
     ) -> None:
         split_by = split_by or COLLECTIONS[dataset].split_bys[0]
         check_split_by(dataset, split_by, "data.")
-        check_template(prompt_template, DESCRIPTION)
+        prompt_format = PromptFormat(prompt_template, DESCRIPTION, lowercase=sentence_field == "sent")
         for name, size in (("image_size", image_size), ("mask_size", mask_size)):
             if size is not None and size < 1:
                 raise UserError(f"data.{name} must be a positive number of pixels, got {size}.")
@@ -386,7 +386,7 @@ class RefCOCODataModule(MiTDataModule):
         self.eval_at_original_size = eval_at_original_size
         self.train_sentences = train_sentences
         self.sentence_field = sentence_field
-        self.prompt_template = prompt_template
+        self.prompt_format = prompt_format
         self.files: ReferFiles | None = self._locate_files() if self.files_exist_at_init else None
 
     def _locate_files(self) -> ReferFiles:
@@ -433,7 +433,7 @@ class RefCOCODataModule(MiTDataModule):
     def _make_dataset(self, split: str, objects: list[ReferredObject], *, training: bool) -> Dataset:
         dataset = ReferringSegmentationDataset(
             objects,
-            prompt_template=self.prompt_template,
+            prompt=self.prompt_format,
             image_size=self.image_size or self.model_image_size(),
             mask_size=None if self.eval_at_original_size and not training else self.mask_size,
             random_sentence=training and self.train_sentences == "one_per_ref",

@@ -14,10 +14,13 @@ from mit_lightning.fusion.base import FusionInputs
 class TaskHead(nn.Module):
     """Predictions from the fused text feature (B, d_T) and, where needed, the encoders' outputs.
 
-    `vision_blocks` lists the CLIP blocks whose patch tokens the head reads. (Which validation metric
-    picks the best checkpoint is the config's ModelCheckpoint setting.)
+    `vision_blocks` lists the CLIP blocks whose patch tokens the head reads. `task` names what a trained
+    model answers when used on new inputs (`mit_lightning.inference`): segmentation, classification or
+    sentiment; None for a head that has no such use yet. (Which validation metric picks the best
+    checkpoint is the config's ModelCheckpoint setting.)
     """
 
+    task: str | None = None
     vision_blocks: tuple[int, ...] = ()
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:

@@ -27,6 +27,8 @@ class ImageTextClassification(TaskHead):
         num_classes: class count; None = read from the data (101 for Food101, 3 for SNLI-VE).
     """
 
+    task = "classification"
+
     def __init__(self, dims: ModelDims, hidden: int = 1024, dropout: float = 0.1, num_classes: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes or dims.num_classes

@@ -88,6 +88,8 @@ class ReferringSegmentation(TaskHead):
         loss: "dice" (paper, Eq. 8), "bce", "ce" (two logits, argmax decision) or "dice+bce".
     """
 
+    task = "segmentation"
+
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int = 256, loss: str = "dice"
     ) -> None:
@@ -139,7 +141,11 @@ class ReferringSegmentation(TaskHead):
         """Binary masks at each target's size (argmax for 2 logits, sigmoid > 0.5 for 1)."""
         if isinstance(targets, torch.Tensor):
             return self._binary(output, targets.shape[-2:])
-        return [self._binary(logits[None], target.shape[-2:])[0] for logits, target in zip(output, targets)]
+        return self.masks_at(output, [target.shape[-2:] for target in targets])
+
+    def masks_at(self, output: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """One binary mask per sample at its (H, W), e.g. its image's original size, by the rule evaluation uses."""
+        return [self._binary(logits[None], size)[0] for logits, size in zip(output, sizes)]
 
     def _binary(self, logits: torch.Tensor, size) -> torch.Tensor:
         logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)

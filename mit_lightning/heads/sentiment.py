@@ -25,6 +25,8 @@ class SentimentRegression(TaskHead):
         dropout: dropout before the output layer.
     """
 
+    task = "sentiment"
+
     def __init__(self, dims: ModelDims, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         self.regressor = nn.Sequential(

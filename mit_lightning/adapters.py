@@ -1,0 +1,231 @@
+"""A trained model's own part, an *adapter*: read from a `mit fit` checkpoint or an export folder, and exported.
+
+A checkpoint holds the trainable weights, the run's config and the backbones it was trained on. An
+export folder (`mit export`, laid out like peft's adapter folders) holds only what is needed to use
+the model, in files anyone can read without running code:
+
+    adapter_config.json    the model config (backbones, fusion, head), the data spec (class names,
+                           feature sizes, prompt format), the backbones' paths and fingerprints,
+                           the precision it was trained in
+    adapter.safetensors    the trainable weights
+
+Both are read into the same `Adapter`; `mit_lightning.inference` rebuilds the model from it. Every
+class path a file names is checked before anything is imported (`check_stored_config`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, load_weights_file, unreadable_weights
+from mit_lightning.cli import CHECKPOINT_CONFIG_ENTRY
+from mit_lightning.config_safety import check_stored_config
+from mit_lightning.data.base import DataSpec
+from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.module import BACKBONES_ENTRY, DATA_SPEC_ENTRY
+
+EXPORT_CONFIG = "adapter_config.json"
+EXPORT_WEIGHTS = "adapter.safetensors"
+EXPORT_FORMAT = "mit-lightning-adapter"
+EXPORT_VERSION = 1
+#: the folders a run's checkpoints sit in below its root folder (logger name, version, checkpoints)
+RUN_SUBFOLDERS = re.compile(r"^(checkpoints|version_\d+|tensorboard|lightning_logs)$")
+#: model settings that only concern training: not needed, and not kept, to use a model
+TRAINING_ONLY = ("optimizer", "lr_scheduler", "allow_other_backbones")
+
+
+@dataclass
+class Adapter:
+    """What a trained model adds to the frozen backbones, and how to rebuild the rest.
+
+    `model` is the run's `model` config (class paths checked, training-only settings dropped);
+    `backbones` the recorded paths and fingerprints of the frozen LLM and CLIP it was trained on.
+    """
+
+    source: Path
+    model: dict[str, Any]
+    data_spec: DataSpec
+    backbones: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    precision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A default name: the export folder's; for a run's checkpoint, the run's root folder
+        (``runs/demo/tensorboard/version_0/checkpoints/best.ckpt`` → ``demo``); else the file's."""
+        if self.source.is_dir():
+            return self.source.name
+        if self.source.parent.name != "checkpoints":
+            return self.source.stem
+        for folder in self.source.absolute().parents:
+            if not RUN_SUBFOLDERS.match(folder.name):
+                return folder.name or self.source.stem
+        return self.source.stem
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(tensor.numel() for tensor in self.weights.values())
+
+    @property
+    def task(self) -> str | None:
+        """The head's task (segmentation, classification, sentiment), read from its class (a checked path)."""
+        module, _, name = str((self.model.get("head") or {}).get("class_path", "")).rpartition(".")
+        try:
+            return getattr(getattr(importlib.import_module(module), name), "task", None)
+        except (ImportError, AttributeError, ValueError):
+            return None
+
+
+def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
+    """A checkpoint or export path as given, or ``best`` / ``last`` of the newest run of the `configs`
+    (the --config files the run was trained with)."""
+    if ckpt_path not in ("best", "last"):
+        return Path(ckpt_path).expanduser()
+    if not configs:
+        raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
+    from mit_lightning.cli import parse_run_config
+    from mit_lightning.resume import resolve_ckpt_path
+
+    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    return resolve_ckpt_path("test", ckpt_path, trainer)
+
+
+def read_adapter(path: str | os.PathLike, user_args: Sequence[str] = ()) -> Adapter:
+    """A checkpoint file or an export folder. `user_args`: the user's command line (with the config files it
+    names), whose class names a stored config may use besides the project's own (`check_stored_config`)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return read_export(path, user_args)
+    if not path.exists():
+        raise UserError(f"No checkpoint or export at '{path}': give a .ckpt file written by `mit fit` or a folder "
+                        "written by `mit export`.")
+    return read_checkpoint(path, user_args)
+
+
+def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
+    checkpoint = load_weights_file(path)
+    stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY) if isinstance(checkpoint, dict) else None
+    if not stored or "model" not in stored or "state_dict" not in checkpoint:
+        raise UserError(f"'{path}' holds no trained MiT model with its run config: use a checkpoint written by "
+                        "`mit fit`.")
+    check_stored_config(stored, path, user_args)
+    spec = checkpoint.get(DATA_SPEC_ENTRY)
+    return Adapter(
+        source=path,
+        model=_usable(stored["model"]),
+        data_spec=DataSpec.from_record(spec) if spec else spec_from_data_config(stored.get("data"), path),
+        backbones=checkpoint.get(BACKBONES_ENTRY) or {},
+        weights=checkpoint["state_dict"],
+        precision=(stored.get("trainer") or {}).get("precision"),
+    )
+
+
+def spec_from_data_config(data: dict[str, Any] | None, path: Path) -> DataSpec:
+    """For checkpoints written before data specs were recorded: ask the data module the run was trained with.
+
+    That needs the data it reads (class names, feature sizes); the config was checked before.
+    """
+    from jsonargparse import ArgumentParser
+
+    from mit_lightning.data.base import MiTDataModule
+
+    if not data:
+        raise UserError(f"'{path}' records neither its data spec nor its data config; it cannot be used on new inputs.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(MiTDataModule, "data")
+    try:
+        datamodule = parser.instantiate(parser.parse_object({"data": data})).data
+        return datamodule.spec
+    except (UserError, ValueError, TypeError) as error:
+        reason = user_error_in(error) or error
+    raise UserError(f"'{path}' predates recorded data specs, so the data it was trained on is read for its classes, "
+                    f"feature sizes and prompt, and that failed: {str(reason).splitlines()[0]} Make that data "
+                    "available, or use a checkpoint written by a newer `mit fit`.")
+
+
+def _usable(model: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in model.items() if key not in TRAINING_ONLY}
+
+
+# --- exports ------------------------------------------------------------------------------------------
+def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
+    config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
+    missing = [path.name for path in (config_path, weights_path) if not path.is_file()]
+    if missing:
+        raise UserError(f"'{folder}' is not an export of `mit export`: it lacks {' and '.join(missing)}.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"'{config_path}' is not valid JSON ({error}). Export the checkpoint again.") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise UserError(f"'{config_path}' is not a mit-lightning adapter config (format '{EXPORT_FORMAT}').")
+    if config.get("version") != EXPORT_VERSION:
+        raise UserError(f"'{config_path}' is version {config.get('version')} of the export format; this mit-lightning "
+                        f"reads version {EXPORT_VERSION}. Export the checkpoint again with this version.")
+    check_stored_config({"model": config["model"]}, config_path, user_args)
+    return Adapter(
+        source=folder,
+        model=config["model"],
+        data_spec=DataSpec.from_record(config["data_spec"]),
+        backbones=config.get("backbones") or {},
+        weights=_load_safetensors(weights_path),
+        precision=config.get("precision"),
+    )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (*WEIGHT_FILE_ERRORS, OSError) as error:
+        raise unreadable_weights(path, "adapter weights", error) from None
+
+
+def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = False,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write `adapter` as an export folder; a folder that already holds files is refused unless `overwrite`.
+
+    `dtype` stores the floating-point weights in another precision (bfloat16 halves the files; they are
+    cast back to the model's parameters' dtype on loading).
+
+    With `overwrite`, only the export's own two files are replaced. Each file is written beside its final
+    name and renamed over it, so an interrupted export never leaves a half-written file in place.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"'{folder}' is a file; give a folder to export into.")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"'{folder}' is not empty; export into a new or empty folder, or add --overwrite to replace "
+                        "an earlier export there.")
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+               .detach().contiguous().clone() for name, tensor in adapter.weights.items()}
+    partial = folder / f".{EXPORT_WEIGHTS}.partial"
+    save_file(weights, partial, metadata={"format": "pt"})
+    os.replace(partial, folder / EXPORT_WEIGHTS)
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "task": adapter.task,
+        "exported_from": str(adapter.source.resolve()),
+        "parameters": adapter.parameter_count,
+        "precision": adapter.precision,
+        "backbones": adapter.backbones,
+        "data_spec": adapter.data_spec.to_record(),
+        "model": adapter.model,
+    }
+    partial = folder / f".{EXPORT_CONFIG}.partial"
+    partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, folder / EXPORT_CONFIG)
+    return folder
