@@ -70,6 +70,9 @@ class MiTModule(L.LightningModule):
         sequence_encoder: settings of those encoders.
         optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper).
         lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper).
+        head_lr_scale: the head's learning rate as a multiple of the optimizer's (the authors' release
+            trains its segmentation decoder at 0.1×); other than 1, the head gets a parameter group of
+            its own, named "head" (the rest: "other").
     """
 
     def __init__(
@@ -82,8 +85,12 @@ class MiTModule(L.LightningModule):
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not head_lr_scale > 0:
+            raise UserError(f"model.head_lr_scale must be a positive multiple of the learning rate, got {head_lr_scale}.")
+        self.head_lr_scale = head_lr_scale
         self.llm_config = llm
         self.vision_config = vision
         self.sequence_modalities = list(sequence_modalities or [])
@@ -128,6 +135,7 @@ class MiTModule(L.LightningModule):
             vision_width=vision.width if vision else None,
             vision_depth=vision.depth if vision else None,
             vision_grid=vision.grid if vision else None,
+            vision_patch=vision.patch_size if vision else None,
             num_classes=spec.num_classes,
         )
 
@@ -193,13 +201,14 @@ class MiTModule(L.LightningModule):
     # --- forward --------------------------------------------------------------------------------
     def encode_modalities(self, batch: dict[str, Any]) -> FusionInputs:
         vectors: dict[str, torch.Tensor] = {}
-        tokens: dict[int, torch.Tensor] = {}
+        inputs = FusionInputs(vectors=vectors)
         if self.vision is not None:
             vision = self.vision(batch["image"], blocks=self.vision_blocks)
-            vectors["image"], tokens = vision.embedding, vision.tokens
+            vectors["image"] = vision.embedding
+            inputs.vision_tokens, inputs.vision_class_tokens = vision.tokens, vision.class_tokens
         for name, encoder in self.sequence_encoders.items():
             vectors[name] = encoder(batch[name], batch[f"{name}_mask"])
-        return FusionInputs(vectors=vectors, vision_tokens=tokens)
+        return inputs
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
@@ -293,8 +302,21 @@ class MiTModule(L.LightningModule):
         self._report_skipped("training")
 
     # --- optimisation ---------------------------------------------------------------------------
+    def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The trainable parameters, split into "other" and "head" groups when the head has its own rate."""
+        if self.head_lr_scale == 1.0:
+            return self.trainable_parameters()
+        head = {id(parameter) for parameter in self.head.parameters()}
+        groups = {"other": [], "head": []}
+        for parameter in self.trainable_parameters():
+            groups["head" if id(parameter) in head else "other"].append(parameter)
+        return [{"name": name, "params": params} for name, params in groups.items() if params]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:  # before the scheduler reads the initial rates
+            if group.get("name") == "head":
+                group["lr"] = group["lr"] * self.head_lr_scale
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

@@ -16,7 +16,8 @@ class ModelDims:
 
     `vectors` maps each modality to the size of its global vector (image: CLIP's projected
     embedding d_I; audio/facial: the trainable encoder's width). `vision_*` describe the CLIP
-    tokens (width, number of blocks, patch grid side) for methods and heads that read them.
+    tokens (width, number of blocks, patch grid side, patch side in pixels) for methods and heads
+    that read them.
     """
 
     llm: LLMShape
@@ -24,6 +25,7 @@ class ModelDims:
     vision_width: int | None = None
     vision_depth: int | None = None
     vision_grid: int | None = None
+    vision_patch: int | None = None
     num_classes: int | None = None
 
 
@@ -33,6 +35,7 @@ class FusionInputs:
 
     vectors: dict[str, torch.Tensor]  # modality -> (B, d_m) global vector
     vision_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # CLIP block (1-based) -> (B, N, C) patches
+    vision_class_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # CLIP block -> (B, 1, C)
 
 
 class Fusion(nn.Module):
