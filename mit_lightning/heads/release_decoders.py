@@ -117,9 +117,10 @@ class ConvDecoder(nn.Module):
     """The release's convolutional decoder: text broadcast over the grid, one double conv per level.
 
     Stage 1 convolves [text feature broadcast over the patch grid ; deepest level's patches]. Each
-    following stage upsamples the features (bilinear) to 64, then 128 pixels (doubling per stage),
-    concatenates the next level's patches resized to that size and convolves; a 1×1 conv gives the
-    logits (128 × 128 with three levels). Every stage is [Conv3x3 - BatchNorm - ReLU] × 2.
+    following stage upsamples the features (bilinear) to `upsampled_size` pixels, doubled at each
+    later stage (the release: 64, then 128), concatenates the next level's patches resized to that
+    size and convolves; a 1×1 conv gives the logits (128 × 128 with three levels). Every stage is
+    [Conv3x3 - BatchNorm - ReLU] × 2.
 
     Parameters at ViT-L/14-336 (width 1024), a 4096-wide LLM, width 512, 2 logits: stage 1
     (4096 + 1024)·512·9 + 512·512·9 = 25,952,256; stages 2 and 3 (512 + 1024)·512·9 + 512·512·9 =
@@ -127,12 +128,16 @@ class ConvDecoder(nn.Module):
     """
 
     reads_class_token = False
-    #: side in pixels of the second stage; each later stage doubles it (the release: 64, 128)
-    first_upsampled_size = 64
 
-    def __init__(self, text_dim: int, token_width: int, grid: int, levels: int, width: int, num_logits: int) -> None:
+    def __init__(
+        self, text_dim: int, token_width: int, grid: int, levels: int, width: int, num_logits: int, *,
+        upsampled_size: int = 64,
+    ) -> None:
         super().__init__()
+        if upsampled_size < 1:
+            raise UserError(f"The cnn decoder's upsampled size must be a positive number of pixels, got {upsampled_size}.")
         self.grid = grid
+        self.upsampled_size = upsampled_size
         self.stages = nn.ModuleList(
             _double_conv((text_dim if level == 0 else width) + token_width, width) for level in range(levels)
         )
@@ -144,7 +149,7 @@ class ConvDecoder(nn.Module):
         features = text[:, :, None, None].expand(-1, -1, self.grid, self.grid)
         for index, (stage, level) in enumerate(zip(self.stages, patches)):
             if index > 0:
-                size = self.first_upsampled_size * 2 ** (index - 1)
+                size = self.upsampled_size * 2 ** (index - 1)
                 features = F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
                 level = F.interpolate(level, size=(size, size), mode="bilinear", align_corners=False)
             features = stage(torch.cat([features, level], dim=1))

@@ -98,6 +98,8 @@ class ReferringSegmentation(TaskHead):
             "clipseg" (their default) or "cnn" (see release_decoders.py).
         heads: attention heads of the clipseg decoder (must divide its width).
         mlp_width: MLP width of the clipseg decoder's transformer layers.
+        cnn_size: side in pixels to which the cnn decoder upsamples its second stage, doubled at each
+            later stage (the release: 64, then 128).
     """
 
     selection_metric = "oIoU"
@@ -105,7 +107,7 @@ class ReferringSegmentation(TaskHead):
 
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int | None = None,
-        loss: str = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048,
+        loss: str = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048, cnn_size: int = 64,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -132,8 +134,10 @@ class ReferringSegmentation(TaskHead):
         )
         if decoder == "clipseg":
             self.decoder = CLIPSegDecoder(**sizes, patch=dims.vision_patch, heads=heads, mlp_width=mlp_width)
+        elif decoder == "cnn":
+            self.decoder = ConvDecoder(**sizes, upsampled_size=cnn_size)
         else:
-            self.decoder = (ConvDecoder if decoder == "cnn" else SegmentationDecoder)(**sizes)
+            self.decoder = SegmentationDecoder(**sizes)
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         return self.decoder(text, [self._tokens(inputs, block).float() for block in self.vision_blocks])
