@@ -9,30 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import fails_at_once
+from cli_helpers import DEMO, fails_at_once, small_run
 from mit_lightning.cli import cli_main, main
 from mit_lightning.module import is_trainable_key
-
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-
-
-def small_run(tmp_path: Path, *extra: str) -> list[str]:
-    """The demo config shrunk to seconds: a few images, one epoch, no workers."""
-    return [
-        "--config", DEMO,
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.root", str(tmp_path / "data"),
-        "--data.train_images", "16",
-        "--data.val_images", "4",
-        "--data.test_images", "4",
-        "--data.batch_size", "8",
-        "--data.num_workers", "0",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
