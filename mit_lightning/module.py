@@ -89,7 +89,9 @@ class MiTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not head_lr_scale > 0:
-            raise UserError(f"model.head_lr_scale must be a positive multiple of the learning rate, got {head_lr_scale}.")
+            raise UserError(
+                f"model.head_lr_scale must be a positive multiple of the learning rate, got {head_lr_scale}."
+            )
         self.head_lr_scale = head_lr_scale
         self.llm_config = llm
         self.vision_config = vision

@@ -27,7 +27,8 @@ def small_dims(grid: int, patch: int) -> ModelDims:
 
 def head(decoder: str, grid: int = 3, patch: int = 14, **kwargs) -> ReferringSegmentation:
     settings = dict(width=8, heads=2, mlp_width=32, loss="ce", cnn_size=8)
-    return ReferringSegmentation(small_dims(grid, patch), vision_blocks=BLOCKS, decoder=decoder, **{**settings, **kwargs})
+    settings.update(kwargs)
+    return ReferringSegmentation(small_dims(grid, patch), vision_blocks=BLOCKS, decoder=decoder, **settings)
 
 
 def features(grid: int, seed: int = 0) -> tuple[torch.Tensor, FusionInputs]:
@@ -68,33 +69,27 @@ def test_the_loss_and_masks_resize_the_logits_to_the_masks(decoder: str):
 
 
 # --- what they read ----------------------------------------------------------------------------------
-def test_clipseg_reads_the_text_every_level_and_the_class_tokens():
-    segmentation = head("clipseg").eval()
+@pytest.mark.parametrize("decoder, reads_class_tokens", [("clipseg", True), ("cnn", False)])
+def test_decoders_read_the_text_and_every_level_and_only_clipseg_the_class_tokens(decoder, reads_class_tokens):
+    segmentation = head(decoder).eval()
     text, inputs = features(3)
     logits = segmentation(text, inputs)
     assert not torch.allclose(segmentation(text + 1.0, inputs), logits)
+    tokens, class_tokens = inputs.vision_tokens, inputs.vision_class_tokens
     for block in BLOCKS:
-        changed = FusionInputs(vectors={}, vision_tokens={**inputs.vision_tokens, block: inputs.vision_tokens[block] + 1.0},
-                               vision_class_tokens=inputs.vision_class_tokens)
+        changed = FusionInputs(vectors={}, vision_tokens={**tokens, block: tokens[block] + 1.0},
+                               vision_class_tokens=class_tokens)
         assert not torch.allclose(segmentation(text, changed), logits), f"block {block}"
-        changed = FusionInputs(vectors={}, vision_tokens=inputs.vision_tokens,
-                               vision_class_tokens={**inputs.vision_class_tokens, block: inputs.vision_class_tokens[block] + 1.0})
-        assert not torch.allclose(segmentation(text, changed), logits), f"class token of block {block}"
-
-
-def test_cnn_reads_the_text_and_every_level_but_not_the_class_tokens():
-    segmentation = head("cnn").eval()
-    text, inputs = features(3)
-    logits = segmentation(text, inputs)
-    assert not torch.allclose(segmentation(text + 1.0, inputs), logits)
-    for block in BLOCKS:
-        changed = FusionInputs(vectors={}, vision_tokens={**inputs.vision_tokens, block: inputs.vision_tokens[block] + 1.0})
-        assert not torch.allclose(segmentation(text, changed), logits), f"block {block}"
+        changed = FusionInputs(vectors={}, vision_tokens=tokens,
+                               vision_class_tokens={**class_tokens, block: class_tokens[block] + 1.0})
+        unchanged = torch.allclose(segmentation(text, changed), logits)
+        assert unchanged != reads_class_tokens, f"class token of block {block}"
 
 
 def test_clipseg_modulates_the_first_level_with_the_text_as_film():
     """out = Linear_mul(t) ⊙ Linear(tokens) + Linear_add(t) enters the first layer: checked by hand."""
-    decoder = CLIPSegDecoder(TEXT_DIM, TOKEN_WIDTH, grid=2, levels=1, width=8, num_logits=1, patch=4, heads=2, mlp_width=16)
+    decoder = CLIPSegDecoder(TEXT_DIM, TOKEN_WIDTH, grid=2, levels=1, width=8, num_logits=1, patch=4, heads=2,
+                             mlp_width=16)
     entering = []
     decoder.layers[0].register_forward_pre_hook(lambda module, args: entering.append(args[0]))
     text, tokens = torch.randn(BATCH, TEXT_DIM), torch.randn(BATCH, 5, TOKEN_WIDTH)
@@ -110,7 +105,8 @@ def test_clipseg_modulates_the_first_level_with_the_text_as_film():
 def paper_dims() -> ModelDims:
     """ViT-L/14-336 (from open_clip's config, no weights) under a 4096-wide LLM."""
     vision = VisionShape.from_architecture(VisionConfig(name="ViT-L-14-336", weights=None).architecture())
-    llm = LLMShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008)
+    llm = LLMShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                   intermediate_size=11008)
     return ModelDims(llm=llm, vision_width=vision.width, vision_depth=vision.depth, vision_grid=vision.grid,
                      vision_patch=vision.patch_size)
 
@@ -156,9 +152,9 @@ def test_decoder_settings_that_cannot_work_are_clear_errors():
 
 def test_unset_width_takes_each_decoders_release_width():
     dims = small_dims(2, 14)
-    widths = {decoder: ReferringSegmentation(dims, vision_blocks=BLOCKS, decoder=decoder) for decoder in ("clipseg", "cnn")}
-    assert widths["clipseg"].decoder.reductions[0].out_features == 64
-    assert widths["cnn"].decoder.classifier.in_channels == 512
+    heads = {name: ReferringSegmentation(dims, vision_blocks=BLOCKS, decoder=name) for name in ("clipseg", "cnn")}
+    assert heads["clipseg"].decoder.reductions[0].out_features == 64
+    assert heads["cnn"].decoder.classifier.in_channels == 512
 
 
 # --- in the whole model ------------------------------------------------------------------------------

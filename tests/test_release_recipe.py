@@ -1,4 +1,4 @@
-"""configs/ablations/release_recipe.yaml: Table 1 as the authors' release trains it, on the paper configs and the demo."""
+"""configs/ablations/release_recipe.yaml: the release's Table 1 set-up on the paper configs and the demo."""
 
 from __future__ import annotations
 

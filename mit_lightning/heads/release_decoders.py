@@ -135,7 +135,8 @@ class ConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if upsampled_size < 1:
-            raise UserError(f"The cnn decoder's upsampled size must be a positive number of pixels, got {upsampled_size}.")
+            raise UserError(f"The cnn decoder's upsampled size must be a positive number of pixels, "
+                            f"got {upsampled_size}.")
         self.grid = grid
         self.upsampled_size = upsampled_size
         self.stages = nn.ModuleList(
