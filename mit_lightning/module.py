@@ -92,6 +92,9 @@ class MiTModule(L.LightningModule):
             `--ckpt_path` (resuming, testing) takes precedence.
         allow_other_backbones: use a checkpoint on frozen backbones other than those it was trained on
             (refused by default: checkpoints record which LLM and CLIP they were trained on).
+        head_lr_scale: the head's learning rate as a multiple of the optimizer's (the authors' release
+            trains its segmentation decoder at 0.1×); other than 1, the head gets a parameter group of
+            its own, named "head" (the rest: "other").
     """
 
     def __init__(
@@ -106,9 +109,15 @@ class MiTModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         init_weights: str | None = None,
         allow_other_backbones: bool = False,
+        head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.init_weights = init_weights
+        if not head_lr_scale > 0:
+            raise UserError(
+                f"model.head_lr_scale must be a positive multiple of the learning rate, got {head_lr_scale}."
+            )
+        self.head_lr_scale = head_lr_scale
         self.llm_config = llm
         self.vision_config = vision
         self.sequence_modalities = list(sequence_modalities or [])
@@ -161,6 +170,7 @@ class MiTModule(L.LightningModule):
             vision_width=vision.width if vision else None,
             vision_depth=vision.depth if vision else None,
             vision_grid=vision.grid if vision else None,
+            vision_patch=vision.patch_size if vision else None,
             num_classes=spec.num_classes,
         )
 
@@ -247,18 +257,16 @@ class MiTModule(L.LightningModule):
     # --- forward --------------------------------------------------------------------------------
     def encode_modalities(self, batch: dict[str, Any]) -> FusionInputs:
         vectors: dict[str, torch.Tensor] = {}
-        tokens: dict[int, torch.Tensor] = {}
+        inputs = FusionInputs(vectors=vectors)
         if self.vision is not None:
             vision = self.vision(batch["image"], blocks=self.vision_blocks)
-            vectors["image"], tokens = vision.embedding, vision.tokens
+            vectors["image"] = vision.embedding
+            inputs.vision_tokens, inputs.vision_class_tokens = vision.tokens, vision.class_tokens
         for name, encoder in self.sequence_encoders.items():
             vectors[name] = encoder(batch[name], batch[f"{name}_mask"])
-        return FusionInputs(
-            vectors=vectors,
-            vision_tokens=tokens,
-            sequences={name: batch[name] for name in self.sequence_modalities},
-            sequence_masks={name: batch[f"{name}_mask"] for name in self.sequence_modalities},
-        )
+        inputs.sequences = {name: batch[name] for name in self.sequence_modalities}
+        inputs.sequence_masks = {name: batch[f"{name}_mask"] for name in self.sequence_modalities}
+        return inputs
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
@@ -353,8 +361,21 @@ class MiTModule(L.LightningModule):
         self._report_skipped("training")
 
     # --- optimisation ---------------------------------------------------------------------------
+    def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The trainable parameters, split into "other" and "head" groups when the head has its own rate."""
+        if self.head_lr_scale == 1.0:
+            return self.trainable_parameters()
+        head = {id(parameter) for parameter in self.head.parameters()}
+        groups = {"other": [], "head": []}
+        for parameter in self.trainable_parameters():
+            groups["head" if id(parameter) in head else "other"].append(parameter)
+        return [{"name": name, "params": params} for name, params in groups.items() if params]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:  # before the scheduler reads the initial rates
+            if group.get("name") == "head":
+                group["lr"] = group["lr"] * self.head_lr_scale
         scheduler = self.lr_scheduler_factory(optimizer)
         if hasattr(scheduler, "set_total_steps"):  # a schedule over the run's length (WarmupCosine)
             scheduler.set_total_steps(self.trainer.estimated_stepping_batches)

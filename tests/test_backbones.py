@@ -115,6 +115,25 @@ def test_clip_weights_load_from_a_local_file(clip_checkpoint):
     torch.testing.assert_close(output.embedding, saved.visual(pixels))
 
 
+def test_block_tokens_are_that_block_output_split_into_class_token_and_patches(tiny_clip):
+    outputs = {}
+    hooks = [
+        tiny_clip.visual.transformer.resblocks[block - 1].register_forward_hook(
+            lambda module, args, output, block=block: outputs.__setitem__(block, output)
+        )
+        for block in (2, 4)
+    ]
+    try:
+        vision = tiny_clip(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), blocks=[4, 2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for block in (2, 4):
+        torch.testing.assert_close(vision.class_tokens[block], outputs[block][:, :1], rtol=0, atol=0)
+        torch.testing.assert_close(vision.tokens[block], outputs[block][:, 1:], rtol=0, atol=0)
+    assert vision.class_tokens[2].shape == (2, 1, TINY_CLIP["vision_cfg"]["width"])
+
+
 def test_vision_errors_are_clear(tiny_clip, tmp_path):
     with pytest.raises(UserError, match="CLIP weights not found"):
         VisionConfig(name="ViT-B-16", weights=str(tmp_path / "missing.pt")).weights_path()

@@ -64,6 +64,31 @@ def test_the_optimizer_holds_exactly_the_trainable_parameters_with_the_paper_def
     assert config["lr_scheduler"]["interval"] == "epoch"
 
 
+def test_a_head_learning_rate_scale_gives_the_head_its_own_group_for_any_optimizer_and_scheduler():
+    module = segmentation_module(
+        head_lr_scale=0.1,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    )
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert list(groups) == ["other", "head"]
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in module.head.parameters()}
+    assert {id(p) for p in groups["other"]["params"]} == {id(p) for p in module.fusion.parameters()}
+    assert groups["other"]["lr"] == pytest.approx(0.5) and groups["head"]["lr"] == pytest.approx(0.05)
+    assert groups["head"]["momentum"] == 0.9  # the optimizer's other settings reach both groups
+    assert scheduler.base_lrs == pytest.approx([0.5, 0.05])
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.25, 0.025])
+
+
+def test_the_head_learning_rate_scale_must_be_positive():
+    with pytest.raises(UserError, match="head_lr_scale must be a positive"):
+        segmentation_module(head_lr_scale=0.0)
+
+
 def test_parameter_counts_split_frozen_and_trainable():
     module = segmentation_module()
     trainable, total = module.parameter_counts()

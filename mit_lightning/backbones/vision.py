@@ -103,6 +103,7 @@ class VisionShape:
 class VisionOutput:
     embedding: torch.Tensor  # (B, d_I)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # 1-based block -> (B, N, width) patches
+    class_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # 1-based block -> (B, 1, width)
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -199,7 +200,10 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> VisionOutput:
-        """Global embedding plus the patch tokens (class token dropped) of the 1-based `blocks`."""
+        """Global embedding plus the patch tokens and, apart, the class token of the 1-based `blocks`.
+
+        The class tokens are slices of the same block outputs, so providing them costs nothing.
+        """
         pixels = self.normalize(images)
         blocks = sorted(set(blocks))
         outside = [block for block in blocks if not 1 <= block <= self.shape.depth]
@@ -207,11 +211,13 @@ class FrozenCLIP(nn.Module):
             raise UserError(f"Vision blocks {outside} are outside {self.config.name}'s {self.shape.depth} blocks (1-based).")
         if blocks:
             output = self.visual.forward_intermediates(
-                pixels, indices=[block - 1 for block in blocks], output_fmt="NLC", intermediates_only=False
+                pixels, indices=[block - 1 for block in blocks], output_fmt="NLC", intermediates_only=False,
+                output_extra_tokens=True,
             )
             embedding, tokens = output["image_features"], dict(zip(blocks, output["image_intermediates"]))
+            class_tokens = dict(zip(blocks, output["image_intermediates_prefix"]))
         else:
-            embedding, tokens = self.visual(pixels), {}
+            embedding, tokens, class_tokens = self.visual(pixels), {}, {}
         if self.config.normalize:
             embedding = nn.functional.normalize(embedding, dim=-1)
-        return VisionOutput(embedding=embedding, tokens=tokens)
+        return VisionOutput(embedding=embedding, tokens=tokens, class_tokens=class_tokens)

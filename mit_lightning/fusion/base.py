@@ -18,7 +18,7 @@ class ModelDims:
     embedding d_I; audio/facial: the trainable encoder's width). `sequences` maps each sequence
     modality to the feature size of its raw frames (read from the data), for methods that read the
     frames as tokens. `vision_*` describe the CLIP tokens (width, number of blocks, patch grid
-    side) for methods and heads that read them.
+    side, patch side in pixels) for methods and heads that read them.
     """
 
     llm: LLMShape
@@ -27,6 +27,7 @@ class ModelDims:
     vision_width: int | None = None
     vision_depth: int | None = None
     vision_grid: int | None = None
+    vision_patch: int | None = None
     num_classes: int | None = None
 
 
@@ -36,6 +37,7 @@ class FusionInputs:
 
     vectors: dict[str, torch.Tensor]  # modality -> (B, d_m) global vector
     vision_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # CLIP block (1-based) -> (B, N, C) patches
+    vision_class_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # CLIP block -> (B, 1, C)
     sequences: dict[str, torch.Tensor] = field(default_factory=dict)  # sequence modality -> (B, T, D) raw frames
     sequence_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # sequence modality -> (B, T) bool, True = real
 

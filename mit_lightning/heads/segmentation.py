@@ -4,12 +4,13 @@ The decoder reads patch tokens of several CLIP blocks (deepest first; the author
 blocks 18, 12 and 6 of ViT-L/14). Each stage adds one level's tokens, modulates the features with
 the text (FiLM), convolves and upsamples ×2; the mask logits are the dot product of every pixel's
 feature with a kernel predicted from the text, so the text decides which pixels light up.
-Loss: DICE (Eq. 8) by default; BCE, 2-class CE and DICE+BCE are selectable.
+Loss: DICE (Eq. 8) by default; BCE, 2-class CE and DICE+BCE are selectable. The decoders of the
+authors' release (`release_decoders.py`) are selectable too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from torch import nn
@@ -19,9 +20,13 @@ from torchmetrics import MetricCollection
 from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
+from mit_lightning.heads.release_decoders import CLIPSegDecoder, ConvDecoder
 from mit_lightning.metrics.segmentation import MeanIoU, OverallIoU, PrecisionAtIoU, WholeImageIoU
 
 LOSSES = ("dice", "bce", "ce", "dice+bce")
+Decoder = Literal["film", "clipseg", "cnn"]
+#: the decoder's width when none is set: film's first stage, clipseg's reduced width, cnn's conv width
+DEFAULT_WIDTHS = {"film": 256, "clipseg": 64, "cnn": 512}
 
 
 class _Stage(nn.Module):
@@ -43,6 +48,8 @@ class _Stage(nn.Module):
 
 class SegmentationDecoder(nn.Module):
     """Multi-level CLIP tokens + text feature → mask logits at 2^levels × the patch grid."""
+
+    reads_class_token = False
 
     def __init__(self, text_dim: int, token_width: int, grid: int, levels: int, width: int, num_logits: int) -> None:
         super().__init__()
@@ -84,18 +91,28 @@ class ReferringSegmentation(TaskHead):
 
     Args:
         vision_blocks: 1-based CLIP blocks the decoder reads, deepest first (release: 18, 12, 6 of 24).
-        width: channels of the first decoder stage (halved at each following stage).
+        width: decoder channels; null takes the decoder's default. film: the first stage (halved at each
+            following stage; 256); clipseg: the reduced token width (64); cnn: the convolutions' width (512).
         loss: "dice" (paper, Eq. 8), "bce", "ce" (two logits, argmax decision) or "dice+bce".
+        decoder: "film" (this project's FiLM + dynamic-kernel decoder), or the authors' release's
+            "clipseg" (their default) or "cnn" (see release_decoders.py).
+        heads: attention heads of the clipseg decoder (must divide its width).
+        mlp_width: MLP width of the clipseg decoder's transformer layers.
+        cnn_size: side in pixels to which the cnn decoder upsamples its second stage, doubled at each
+            later stage (the release: 64, then 128).
     """
 
     task = "segmentation"
 
     def __init__(
-        self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int = 256, loss: str = "dice"
+        self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int | None = None,
+        loss: str = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048, cnn_size: int = 64,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise UserError(f"Unknown segmentation loss '{loss}'; use one of {LOSSES}.")
+        if decoder not in DEFAULT_WIDTHS:
+            raise UserError(f"Unknown segmentation decoder '{decoder}'; use one of {get_args(Decoder)}.")
         if dims.vision_depth is None:
             raise UserError("ReferringSegmentation needs a vision tower (model.vision).")
         outside = [block for block in vision_blocks if not 1 <= block <= dims.vision_depth]
@@ -106,18 +123,29 @@ class ReferringSegmentation(TaskHead):
             )
         self.vision_blocks = tuple(vision_blocks)
         self.loss_name = loss
-        self.decoder = SegmentationDecoder(
+        sizes = dict(
             text_dim=dims.llm.hidden_size,
             token_width=dims.vision_width,
             grid=dims.vision_grid,
             levels=len(vision_blocks),
-            width=width,
+            width=DEFAULT_WIDTHS[decoder] if width is None else width,
             num_logits=2 if loss == "ce" else 1,
         )
+        if decoder == "clipseg":
+            self.decoder = CLIPSegDecoder(**sizes, patch=dims.vision_patch, heads=heads, mlp_width=mlp_width)
+        elif decoder == "cnn":
+            self.decoder = ConvDecoder(**sizes, upsampled_size=cnn_size)
+        else:
+            self.decoder = SegmentationDecoder(**sizes)
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
-        levels = [inputs.vision_tokens[block].float() for block in self.vision_blocks]
-        return self.decoder(text, levels)
+        return self.decoder(text, [self._tokens(inputs, block).float() for block in self.vision_blocks])
+
+    def _tokens(self, inputs: FusionInputs, block: int) -> torch.Tensor:
+        """A block's patch tokens, after its class token for decoders that read it."""
+        if self.decoder.reads_class_token:
+            return torch.cat([inputs.vision_class_tokens[block], inputs.vision_tokens[block]], dim=1)
+        return inputs.vision_tokens[block]
 
     def foreground_probability(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
