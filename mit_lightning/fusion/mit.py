@@ -19,6 +19,9 @@ Choices where the paper cannot be taken literally (see docs in README):
   b^f=1) leaves the LLM exactly as it was ("progressive infusion");
   "paper" is Eq. 5 literally, K^r = K' ⊙ σ(L') (not the identity at initialisation);
   "release" is the authors' code, K^r = K + (K ⊙ I_d + I_a) ⊙ σ(L'), with PyTorch's default init.
+  One difference remains in every form: the authors' code takes Eq. 4's cosine over all positions,
+  padding included, so its output for a sample depends on how much its batch is padded; here the
+  cosine covers the sample's real tokens only.
 - K is infused after the rotary embedding (the attention extension point sees post-RoPE keys;
   the release does the same). With grouped-query attention, K/V have `num_kv_heads` heads and
   the maps are sized accordingly.
