@@ -1,4 +1,4 @@
-"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench`.
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench` and `mit compare`.
 
 - The run's config is saved in the run directory and inside every checkpoint, so
   `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
@@ -34,6 +37,12 @@ from mit_lightning.module import MiTModule
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
 CHECKPOINT_CONFIG_ENTRY = "mit_config"
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+#: commands beside LightningCLI's: name → (module whose `main(argv)` runs it, one-line summary for `mit --help`)
+OTHER_COMMANDS = {
+    "bench": ("mit_lightning.bench", "speed and memory of each fusion strategy's training step against the frozen floor"),
+    "compare": ("mit_lightning.compare", "train fusion strategies alike on one config; one table of metric, parameters, "
+                                         "step time, memory"),
+}
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -42,6 +51,10 @@ class SaveRunConfig(SaveConfigCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         checkpoint[CHECKPOINT_CONFIG_ENTRY] = {key: full[key] for key in CHECKPOINT_CONFIG_KEYS if key in full}
+
+
+class _KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help layout, with the description and epilog printed line by line as written."""
 
 
 class MiTCLI(LightningCLI):
@@ -56,6 +69,16 @@ class MiTCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        """`mit --help` also lists the commands `cli_main` runs before LightningCLI sees them."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            self.parser.formatter_class = _KeepEpilogLines
+            width = max(len(name) for name in OTHER_COMMANDS)
+            self.parser.epilog = "other commands:\n" + "\n".join(
+                f"  {name.ljust(width)}  {summary}" for name, (_, summary) in OTHER_COMMANDS.items()
+            )
 
     def instantiate_classes(self) -> None:
         with recording_user_errors() as user_errors:
@@ -172,10 +195,9 @@ def parse_run_config(args: Sequence[str]):
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     """Entry point used by the `mit` script and by tests (which pass `args`)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] == "bench":
-        from mit_lightning.bench import main as bench_main
-
-        bench_main(args[1:])
+    if args and args[0] in OTHER_COMMANDS:
+        module, _ = OTHER_COMMANDS[args[0]]
+        importlib.import_module(module).main(args[1:])
         return None
     return MiTCLI(args=with_checkpoint_config(args))
 
