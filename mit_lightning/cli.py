@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is int
 from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, recording_user_errors
-from mit_lightning.module import MiTModule
+from mit_lightning.module import DEFAULT_OPTIMIZER, MiTModule
 
 #: the parts of a run's config that say how to rebuild and evaluate its model
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
@@ -92,7 +92,7 @@ class MiTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
             {
-                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5}},
+                "model.optimizer": DEFAULT_OPTIMIZER,
                 "model.lr_scheduler": {
                     "class_path": "torch.optim.lr_scheduler.StepLR",
                     "init_args": {"step_size": 10, "gamma": 0.1},

@@ -57,6 +57,8 @@ class SequenceEncoderConfig:
 
 
 STAGE_PREFIX = {"validate": "val", "test": "test"}
+#: the paper's optimizer (Adam, lr 4e-5); fused: one pass over the trainable weights per step, not one per operation
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5, "fused": True}}
 
 
 class MiTModule(L.LightningModule):
@@ -69,7 +71,7 @@ class MiTModule(L.LightningModule):
         fusion: how the modalities reach the LLM (class path): MiT (default), TokenConcat, TextOnly, LateAddition.
         sequence_modalities: feature sequences encoded by trainable encoders and fused (e.g. [audio, facial]).
         sequence_encoder: settings of those encoders.
-        optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper).
+        optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper; fused).
         lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper).
     """
 
@@ -92,7 +94,7 @@ class MiTModule(L.LightningModule):
         self.fusion_factory = fusion
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4e-5)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, **DEFAULT_OPTIMIZER["init_args"])
         self.lr_scheduler_factory = lr_scheduler or partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.1)
         # sizes from config files only: a missing weights path or a bad layer index fails here, at once
         self.llm_shape = LLMShape.from_hf_config(llm.hf_config())

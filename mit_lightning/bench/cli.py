@@ -52,13 +52,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
                         help="fusion strategies whose training step is measured (mit always is: every ratio "
                              "refers to it); default: all")
-    parser.add_argument("--batch-sizes", type=_positive, nargs="+", default=[8, 32])
+    parser.add_argument("--batch-sizes", type=_positive, nargs="+", default=None,
+                        help="default: 8 32 (small: 8)")
     parser.add_argument("--text-length", type=_positive, default=48, help="prompt length in tokens")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--steps", type=_positive, default=10, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed steps before them")
     parser.add_argument("--workers", type=_non_negative, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the data-loading case")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads of the measured steps (default: torch's choice); 1 keeps timings steady on a "
+                             "busy machine, where threads of one operation wait on each other")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
                         help="skip the data-loading case")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
@@ -67,11 +71,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    args.batch_sizes = sorted(set(args.batch_sizes))
+    scale = SCALES[args.scale]
+    args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies) if name != "mit")]
     device = _device(args.device, args.scale)
-    scale = SCALES[args.scale]
     output = open(args.output, "w") if args.output is not None else None
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         report = Report(args.scale, device, args.text_length, args.steps, output)
         with warnings.catch_warnings():
@@ -85,5 +92,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         report.emit(ratios(report, args.strategies, args.batch_sizes,
                            with_targets=args.scale == "7b" and device.type == "cuda", device=device))
     finally:
+        torch.set_num_threads(threads)
         if output is not None:
             output.close()
