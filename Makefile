@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.mit-lightning-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
+.PHONY: install demo test bench compare reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
 
 install: $(INSTALLED)
 
@@ -29,6 +29,9 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/mit bench --scale tiny
+
+compare: $(INSTALLED)
+	$(BIN)/mit compare
 
 reproduce-table1: $(INSTALLED)
 	$(BIN)/python -m mit_lightning.reproduce table1

@@ -13,15 +13,13 @@ are already there is not run again.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mit_lightning.errors import UserError
-
-RESULTS_FILE = "test_metrics.json"
+from mit_lightning.experiments import RESULTS_FILE, find_results, missing_inputs
 
 
 @dataclass(frozen=True)
@@ -197,12 +195,6 @@ def run_directory(table: str, experiment: Experiment, root: Path) -> Path:
     return root / table / experiment.name
 
 
-def find_results(directory: Path) -> dict[str, float] | None:
-    """The newest test results written under an experiment's run directory, if any."""
-    candidates = sorted(directory.rglob(RESULTS_FILE), key=lambda path: path.stat().st_mtime)
-    return json.loads(candidates[-1].read_text()) if candidates else None
-
-
 def preflight(table: Table, extra: list[str]) -> list[str]:
     """Check every experiment's LLM, CLIP weights and data (no weights are loaded); list what is missing."""
     from mit_lightning.cli import parse_run_config
@@ -220,27 +212,6 @@ def preflight(table: Table, extra: list[str]) -> list[str]:
         for problem in found:
             problems.setdefault(problem, []).append(experiment.name)
     return [f"{', '.join(names)}: {problem}" for problem, names in problems.items()]
-
-
-def missing_inputs(config) -> list[str]:
-    """Each component checked on its own, so one run reports every missing path at once."""
-    from jsonargparse import Namespace
-    from lightning.pytorch.cli import instantiate_class
-
-    from mit_lightning.backbones.llm import LLMConfig
-    from mit_lightning.backbones.vision import VisionConfig
-
-    checks = [lambda: LLMConfig(**config.model.llm.as_dict()).hf_config()]
-    if config.model.vision is not None:
-        checks.append(lambda: VisionConfig(**config.model.vision.as_dict()).weights_path())
-    checks.append(lambda: instantiate_class((), Namespace(config.data).as_dict()))
-    problems = []
-    for check in checks:
-        try:
-            check()
-        except UserError as error:
-            problems.append(str(error))
-    return problems
 
 
 def train_and_test(table_name: str, experiment: Experiment, root: Path, extra: list[str]) -> dict[str, float]:

@@ -15,12 +15,14 @@ class TaskHead(nn.Module):
     """Predictions from the fused text feature (B, d_T) and, where needed, the encoders' outputs.
 
     `vision_blocks` lists the CLIP blocks whose patch tokens the head reads; `selection_metric`
-    and `selection_mode` say how to pick the best checkpoint on the validation split.
+    and `selection_mode` say how to pick the best checkpoint on the validation split;
+    `summary_metrics` are the test metrics a comparison of fusion strategies shows (`mit compare`).
     """
 
     vision_blocks: tuple[int, ...] = ()
     selection_metric: str = "loss"
     selection_mode: str = "min"
+    summary_metrics: tuple[str, ...] = ("loss",)
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         raise NotImplementedError

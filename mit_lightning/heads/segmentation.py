@@ -90,6 +90,7 @@ class ReferringSegmentation(TaskHead):
 
     selection_metric = "oIoU"
     selection_mode = "max"
+    summary_metrics = ("oIoU", "mIoU")
 
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int = 256, loss: str = "dice"
