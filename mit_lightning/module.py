@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.sequence import SequenceEncoder
+from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError
@@ -69,6 +70,9 @@ class MiTModule(L.LightningModule):
         llm: the frozen LLM.
         vision: the frozen CLIP vision tower; null for text + sequence tasks.
         fusion: how the modalities reach the LLM (class path): MiT (default), TokenConcat, TextOnly, LateAddition.
+        text_feature: where the text feature is read: at the prompt's last token (the paper's default), or at a
+            learnable task token appended to every prompt (paper section 5.2; backward then runs through every
+            decoder layer).
         sequence_modalities: feature sequences encoded by trainable encoders and fused (e.g. [audio, facial]).
         sequence_encoder: settings of those encoders.
         optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper; fused).
@@ -81,6 +85,7 @@ class MiTModule(L.LightningModule):
         llm: LLMConfig = LLMConfig(),
         vision: VisionConfig | None = None,
         fusion: Callable[[ModelDims], Fusion] = MiT,
+        text_feature: Literal["last_token", "task_token"] = "last_token",
         sequence_modalities: list[str] | None = None,
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
@@ -92,6 +97,7 @@ class MiTModule(L.LightningModule):
         self.sequence_modalities = list(sequence_modalities or [])
         self.sequence_encoder_config = sequence_encoder
         self.fusion_factory = fusion
+        self.text_feature = text_feature
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, **DEFAULT_OPTIMIZER["init_args"])
@@ -108,6 +114,7 @@ class MiTModule(L.LightningModule):
         self.vision: FrozenCLIP | None = None
         self.sequence_encoders = nn.ModuleDict()
         self.fusion: Fusion | None = None
+        self.task_token: TaskToken | None = None
         self.head: TaskHead | None = None
         self.eval_metrics = nn.ModuleDict()
         self._eval_splits: dict[str, list[str]] = {}
@@ -163,6 +170,8 @@ class MiTModule(L.LightningModule):
         dims = self.dims(spec)
         self.fusion = self.fusion_factory(dims)
         self.fusion.attach(self.llm)
+        if self.text_feature == "task_token":
+            self.task_token = TaskToken(self.llm.model.get_input_embeddings())
         self.head = self.head_factory(dims)
         self._eval_splits = spec.eval_splits
         self.eval_metrics = nn.ModuleDict(
@@ -206,6 +215,8 @@ class MiTModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
         input_ids, attention_mask = self.llm.tokenize(batch["prompt"], self.device)
+        if self.task_token is not None:
+            input_ids, attention_mask = self.task_token.append(input_ids, attention_mask)
         text = self.fusion(self.llm, input_ids, attention_mask, inputs)
         return self.head(text.float(), inputs)
 

@@ -54,13 +54,16 @@ _WORDS = "the small red circle on the left next to a big blue square above the g
 
 
 def build_module(scale: Scale, fusion: Callable[[ModelDims], Fusion], text_length: int,
-                 device: torch.device) -> MiTModule:
-    """The real MiTModule, built on `device` directly: 7B of frozen weights never pass through the CPU."""
+                 device: torch.device, **options: Any) -> MiTModule:
+    """The real MiTModule, built on `device` directly: 7B of frozen weights never pass through the CPU.
+
+    `options` are further MiTModule arguments (e.g. text_feature)."""
     module = MiTModule(
         head=partial(ReferringSegmentation, vision_blocks=scale.vision_blocks, width=scale.head_width),
         llm=LLMConfig(path=scale.llm, dtype=scale.dtype, max_text_tokens=text_length),
         vision=vision_config(scale),
         fusion=fusion,
+        **options,
     )
     with torch.device(device):
         module.build(DataSpec())
