@@ -18,9 +18,10 @@ from mit_lightning.fusion import LateAddition, MiT
 from mit_lightning.module import MiTModule
 
 PER_BATCH_CASES = ("floor", "mit_train", "concat_train", "late_addition_train", "data_loading")
-RATIO_KEYS = {"mit_over_floor", "concat_over_floor", "late_addition_over_floor", "concat_over_mit",
-              "late_addition_over_mit", "mit_over_concat_memory", "mit_over_late_addition_memory", "mit_inference_ms",
-              "mit_train_samples_per_s"}
+TIME_RATIOS = {"mit_over_floor", "concat_over_floor", "late_addition_over_floor", "concat_over_mit",
+               "late_addition_over_mit"}
+RATIO_KEYS = TIME_RATIOS | {f"{key}_cpu" for key in TIME_RATIOS} | {
+    "mit_over_concat_memory", "mit_over_late_addition_memory", "mit_inference_ms", "mit_train_samples_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def test_tiny_run_prints_one_json_line_per_case_then_the_ratios(tiny_run):
         assert line["scale"] == "tiny" and line["device"] == "cpu" and line["text_length"] == 16 and line["steps"] == 2
         assert line["ms"] > 0 and line["samples_per_s"] == pytest.approx(line["batch"] * 1000 / line["ms"], rel=1e-2)
         assert "peak_memory_mib" in line and "error" not in line
+        assert (line["cpu_ms"] > 0) if line["case"] != "data_loading" else "cpu_ms" not in line
 
 
 def test_ratio_line_relates_the_cases(tiny_run):
@@ -62,6 +64,8 @@ def test_ratio_line_relates_the_cases(tiny_run):
     for batch in ("2", "4"):
         expected = by_case["mit_train", int(batch)]["ms"] / by_case["floor", int(batch)]["ms"]
         assert ratios["mit_over_floor"][batch] == pytest.approx(expected, rel=1e-2)
+        expected = by_case["mit_train", int(batch)]["cpu_ms"] / by_case["floor", int(batch)]["cpu_ms"]
+        assert ratios["mit_over_floor_cpu"][batch] == pytest.approx(expected, rel=1e-2)
         expected = by_case["late_addition_train", int(batch)]["ms"] / by_case["mit_train", int(batch)]["ms"]
         assert ratios["late_addition_over_mit"][batch] == pytest.approx(expected, rel=1e-2)
         assert ratios["concat_over_mit"][batch] > 0 and ratios["concat_over_floor"][batch] > 0

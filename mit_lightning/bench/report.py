@@ -62,12 +62,20 @@ def _rounded(value: Any) -> Any:
 def ratios(report: Report, strategies: Sequence[str], batch_sizes: Sequence[int], *,
            with_targets: bool, device: torch.device) -> dict[str, Any]:
     """The ratios line: every strategy's step against the floor, every peer's time and MiT's memory against
-    each other (`<peer>_over_mit`, `mit_over_<peer>_memory`), MiT's inference and throughput."""
+    each other (`<peer>_over_mit`, `mit_over_<peer>_memory`), MiT's inference and throughput. On a CPU the
+    time ratios are given again from CPU time (`..._cpu`)."""
     per_batch: dict[str, dict[int, float | None]] = {}
-    for strategy in strategies:
-        per_batch[f"{strategy}_over_floor"] = {b: report.ratio(f"{strategy}_train", "floor", b) for b in batch_sizes}
+    clocks = {"ms": "", "cpu_ms": "_cpu"} if device.type == "cpu" else {"ms": ""}
+    for key, suffix in clocks.items():
+        for strategy in strategies:
+            per_batch[f"{strategy}_over_floor{suffix}"] = {
+                b: report.ratio(f"{strategy}_train", "floor", b, key) for b in batch_sizes
+            }
+        for peer in (strategy for strategy in strategies if strategy != "mit"):
+            per_batch[f"{peer}_over_mit{suffix}"] = {
+                b: report.ratio(f"{peer}_train", "mit_train", b, key) for b in batch_sizes
+            }
     for peer in (strategy for strategy in strategies if strategy != "mit"):
-        per_batch[f"{peer}_over_mit"] = {b: report.ratio(f"{peer}_train", "mit_train", b) for b in batch_sizes}
         per_batch[f"mit_over_{peer}_memory"] = {
             b: report.ratio("mit_train", f"{peer}_train", b, "peak_memory_mib") for b in batch_sizes
         }
