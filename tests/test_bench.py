@@ -88,10 +88,9 @@ def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
     module = scales.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
     batch = scales.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
     entering = []
-    with cases.graph_from_layer(module, 3):
-        for layer in module.llm.layers:
-            layer.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
-        cases.floor_step(module, batch)
+    for layer in module.llm.layers:
+        layer.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
+    cases.floor_step(module, batch, 3)
     assert [hidden.requires_grad for hidden in entering] == [False, False, True, True]
     assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
 
@@ -100,8 +99,16 @@ def test_an_out_of_memory_case_is_reported_not_fatal():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    measured = measure.measure(step, steps=2, warmup=1, device=torch.device("cpu"))
-    assert measured["ms"] is None and measured["error"] == "out of memory"
+    measured = measure.measure({"a": lambda: None, "b": step}, steps=2, warmup=1, device=torch.device("cpu"))
+    assert all(case["ms"] is None and case["error"] == "out of memory" for case in measured.values())
+
+
+def test_cases_measured_together_alternate_their_calls():
+    calls = []
+    measured = measure.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=2, warmup=1,
+                               device=torch.device("cpu"))
+    assert calls == ["a", "b"] * 3
+    assert set(measured) == {"a", "b"} and all(case["ms"] >= 0 and case["cpu_ms"] >= 0 for case in measured.values())
 
 
 def test_targets_compare_each_figure_with_its_limit():

@@ -22,9 +22,13 @@ padding):
   and MiT's peak memory over each peer's, per batch size; and at 7b on a GPU the targets.
 
 Timing: `--warmup` untimed steps, then the median of `--steps` steps, each between two
-`torch.cuda.synchronize()` on a GPU; data loading reports the mean over its timed batches (workers
-deliver them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed`.
-Peak memory: see `measure.py`. Data loading reports none (it happens in the worker processes).
+`torch.cuda.synchronize()` on a GPU; the floor's and MiT's training steps alternate, so a change in
+the machine's load affects both alike. On a CPU each case also reports its CPU time per step
+(`cpu_ms`) and the ratios are given from it too (`..._cpu`): on a shared machine, with `--threads 1`,
+those are the steady figures. Data loading reports the mean over its timed batches (workers deliver
+them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed`. Peak memory:
+the highest over a case's steps (see `measure.py`); data loading reports none (it happens in the
+worker processes).
 
 Modules: `measure` (timing, memory probes), `cases` (the steps and the strategies), `report` (JSON
 lines, ratios, targets), `cli` (arguments and the run).

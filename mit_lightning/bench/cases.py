@@ -46,16 +46,16 @@ def graph_from_layer(module: MiTModule, layer: int) -> Iterator[None]:
             return (args[0].detach().requires_grad_(), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
-    handle = module.llm.layers[layer - 1].register_forward_pre_hook(start_graph, with_kwargs=True)
+    handle = module.llm.layers[layer - 1].register_forward_pre_hook(start_graph, with_kwargs=True, prepend=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-def floor_step(module: MiTModule, batch: dict[str, Any]) -> None:
-    """The frozen backbones' share of a step; run it inside `graph_from_layer`."""
-    with _autocast(module.device):
+def floor_step(module: MiTModule, batch: dict[str, Any], first_layer: int) -> None:
+    """The frozen backbones' share of a step, with backward from the last token down to `first_layer` (1-based)."""
+    with graph_from_layer(module, first_layer), _autocast(module.device):
         module.encode_modalities(batch)
         input_ids, attention_mask = module.llm.tokenize(batch["prompt"], module.device)
         feature = last_token(module.llm(attention_mask, input_ids=input_ids), attention_mask)
@@ -87,7 +87,8 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
     module.eval()
     for batch_size in sorted({1, *args.batch_sizes}):
         batch = synthetic_batch(module, scale, batch_size, args.text_length, device)
-        report.case("mit_inference", batch_size, measure(lambda: inference_step(module, batch), **_timing(args, device)))
+        measured = measure({"mit_inference": lambda: inference_step(module, batch)}, **_timing(args, device))
+        report.case("mit_inference", batch_size, measured["mit_inference"])
     del module, batch
     release(device)
     for strategy in args.strategies:
@@ -101,16 +102,18 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
 
 def run_training_cases(report: Report, module: MiTModule, case: str, scale: Scale, args: argparse.Namespace,
                        floor_from: int | None = None) -> None:
-    """Training steps at every batch size, each after the floor when `floor_from` names the first infused layer."""
+    """Training steps at every batch size, alternating with the floor's when `floor_from` names the first
+    infused layer."""
     optimizer = module.configure_optimizers()["optimizer"]
     timing = _timing(args, module.device)
     module.train()
     for batch_size in args.batch_sizes:
         batch = synthetic_batch(module, scale, batch_size, args.text_length, module.device)
+        steps = {case: lambda: training_step(module, optimizer, batch)}
         if floor_from is not None:
-            with graph_from_layer(module, floor_from):
-                report.case("floor", batch_size, measure(lambda: floor_step(module, batch), **timing))
-        report.case(case, batch_size, measure(lambda: training_step(module, optimizer, batch), **timing))
+            steps = {"floor": lambda: floor_step(module, batch, floor_from), **steps}
+        for name, measured in measure(steps, **timing).items():
+            report.case(name, batch_size, measured)
 
 
 def run_data_loading(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:

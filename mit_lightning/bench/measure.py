@@ -88,29 +88,43 @@ class PeakMemory:
             self.mib = max(peak - self._start_kib, 0) / 1024
 
 
-def measure(step: Callable[[], Any], *, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    """Median milliseconds of `steps` timed calls after `warmup` calls, and the peak memory of them all.
+def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
+            device: torch.device) -> dict[str, dict[str, Any]]:
+    """Per case: the median milliseconds of `steps` timed calls after `warmup` calls, and the peak memory
+    of a call (the highest over all calls).
 
-    On a CPU also `cpu_ms`, the median CPU time the process spent per call: where other processes share
-    the cores, wall time measures them too, CPU time (with one thread) hardly does.
+    The cases' calls alternate (a, b, a, b, ...), so a change in what else the machine runs affects
+    every case alike and their ratios stay meaningful on a shared machine. On a CPU also `cpu_ms`, the
+    median CPU time the process spent per call: wall time measures the other processes too, CPU time
+    (with one thread) hardly does.
     """
-    times, cpu_times = [], []
-    memory = PeakMemory(device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu_times: dict[str, list[float]] = {name: [] for name in cases}
+    peaks: dict[str, list[float]] = {name: [] for name in cases}
+    measure_name = PeakMemory(device).measure
     try:
-        with memory:
-            for _ in range(warmup):
-                step()
-            for _ in range(steps):
-                synchronize(device)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                step()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
+        for call in range(warmup + steps):
+            for name, step in cases.items():
+                with PeakMemory(device) as memory:
+                    synchronize(device)
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    step()
+                    synchronize(device)
+                    elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
+                if memory.mib is not None:
+                    peaks[name].append(memory.mib)
+                if call >= warmup:
+                    times[name].append(elapsed)
+                    cpu_times[name].append(cpu_elapsed)
     except torch.OutOfMemoryError:
         release(device)
-        return {"ms": None, "peak_memory_mib": None, "memory_measure": memory.measure, "error": "out of memory"}
-    measured = {"ms": 1000 * statistics.median(times)}
-    if device.type == "cpu":
-        measured["cpu_ms"] = 1000 * statistics.median(cpu_times)
-    return {**measured, "peak_memory_mib": memory.mib, "memory_measure": memory.measure}
+        failed = {"ms": None, "peak_memory_mib": None, "memory_measure": measure_name, "error": "out of memory"}
+        return {name: dict(failed) for name in cases}
+    results = {}
+    for name in cases:
+        measured: dict[str, Any] = {"ms": 1000 * statistics.median(times[name])}
+        if device.type == "cpu":
+            measured["cpu_ms"] = 1000 * statistics.median(cpu_times[name])
+        measured["peak_memory_mib"] = max(peaks[name]) if peaks[name] else None
+        results[name] = {**measured, "memory_measure": measure_name}
+    return results
