@@ -1,4 +1,4 @@
-"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench` and `mit compare`.
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus `mit bench`, `compare`, `reproduce`.
 
 - The run's config is saved in the run directory and inside every checkpoint, so
   `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
@@ -42,6 +42,8 @@ OTHER_COMMANDS = {
     "bench": ("mit_lightning.bench", "speed and memory of each fusion strategy's training step against the frozen floor"),
     "compare": ("mit_lightning.compare", "train fusion strategies alike on one config; one table of metric, parameters, "
                                          "step time, memory"),
+    "reproduce": ("mit_lightning.reproduce", "train and test the configs of one of the paper's tables; print it beside "
+                                             "the paper's"),
 }
 
 

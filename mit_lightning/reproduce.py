@@ -1,7 +1,7 @@
 """Reproduce the paper's tables: train and test each config, print the paper's numbers beside ours.
 
-    python -m mit_lightning.reproduce {table1,...,table6} [--dry-run] [-- extra mit arguments...]
-    (or: make reproduce-table1 ... reproduce-table6)
+    mit reproduce {table1,...,table6} [--dry-run] [-- extra mit arguments...]
+    (or: python -m mit_lightning.reproduce ..., make reproduce-table1 ... reproduce-table6)
 
 Before anything trains, every experiment of the table is built once (configs parsed, weights and
 data paths checked), so a missing file stops the run at once with the list of what is missing.
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m mit_lightning.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mit reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("--runs", default="runs/reproduce", help="where the runs and their results go")

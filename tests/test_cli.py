@@ -163,4 +163,4 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     commands = capsys.readouterr().out.split("other commands:")[1]
-    assert [line.split()[0] for line in commands.strip().splitlines()] == ["bench", "compare"]
+    assert [line.split()[0] for line in commands.strip().splitlines()] == ["bench", "compare", "reproduce"]

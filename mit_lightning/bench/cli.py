@@ -29,7 +29,8 @@ def _device(name: str | None, scale: str) -> torch.device:
     return torch.device(name)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -52,15 +53,15 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
                         help="fusion strategies whose training step is measured (mit always is: every ratio "
                              "refers to it); default: all")
-    parser.add_argument("--batch-sizes", type=_positive, nargs="+", default=None,
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                         help="default: 8 32 (small: 8)")
-    parser.add_argument("--text-length", type=_positive, default=48, help="prompt length in tokens")
+    parser.add_argument("--text-length", type=positive_int, default=48, help="prompt length in tokens")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--steps", type=_positive, default=10, help="timed steps per case (median reported)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed steps before them")
     parser.add_argument("--workers", type=_non_negative, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the data-loading case")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads of the measured steps (default: torch's choice); 1 keeps timings steady on a "
                              "busy machine, where threads of one operation wait on each other")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",

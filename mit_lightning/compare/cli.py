@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mit_lightning.compare as package
+from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.table import Row, markdown, write_csv
 from mit_lightning.errors import UserError
@@ -161,13 +162,6 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
     return text
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mit compare", description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -177,8 +171,8 @@ def parser() -> argparse.ArgumentParser:
                         help=f"the run config every strategy shares (repeat to compose; default {DEFAULT_CONFIG})")
     parser.add_argument("--strategies", nargs="+", default=None,
                         help=f"strategy names (overlays in --peers, by file stem); default: every one that can run")
-    parser.add_argument("--epochs", type=_positive, default=3, help="training epochs of every strategy (default 3)")
-    parser.add_argument("--max-steps", type=_positive, default=None, help="also stop every run after this many steps")
+    parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every strategy (default 3)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="also stop every run after this many steps")
     parser.add_argument("--seed", type=int, default=None, help="seed of every run (default: the config's)")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="test metrics shown (default: the task head's summary metrics)")
