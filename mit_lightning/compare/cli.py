@@ -90,7 +90,10 @@ def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], bud
         except UserError as error:
             problems[name] = str(error)
     if problems and (chosen or not strategies):
-        listed = "\n  - ".join(f"{name}: {problem}" for name, problem in problems.items())
+        by_problem: dict[str, list[str]] = {}
+        for name, problem in problems.items():
+            by_problem.setdefault(problem, []).append(name)
+        listed = "\n  - ".join(f"{', '.join(names)}: {problem}" for problem, names in by_problem.items())
         raise UserError(f"Nothing was started; these strategies cannot run:\n  - {listed}")
     for name, problem in problems.items():
         print(f"Leaving out {name}: {problem}", file=sys.stderr)
