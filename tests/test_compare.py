@@ -22,9 +22,10 @@ PEERS = REPO / "configs" / "peers"
 
 def shrunk_demo(tmp_path: Path) -> list[str]:
     """`mit fit` arguments that shrink the demo to seconds."""
-    return ["--data.root", str(tmp_path / "data"), "--data.train_images", "8", "--data.val_images", "2",
+    return ["--data.root", str(tmp_path / "data"), "--data.train_images", "4", "--data.val_images", "1",
             "--data.test_images", "2", "--data.batch_size", "4", "--data.num_workers", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
 
 
 @pytest.fixture(autouse=True)
