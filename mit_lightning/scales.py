@@ -39,14 +39,17 @@ class Scale:
     head_width: int
     mask_size: int
     source_image_size: int  # side of the synthetic images a data loader decodes
-    batch_sizes: tuple[int, ...] = (8, 32)  # what a benchmark measures unless told otherwise
+    # what a benchmark measures unless told otherwise: batch sizes, timed and untimed steps per case
+    batch_sizes: tuple[int, ...] = (8, 32)
+    steps: int = 10
+    warmup: int = 3
 
 
 SCALES = {
     "tiny": Scale("tiny", "tiny", "float32", (2, 3, 4), (4, 3, 2), 64, 64, 64),
     # the paper's layer pattern (every fourth layer from 40% of the depth, and the last) on 16 layers
     "small": Scale("random-llama-16x1024", "ViT-B-16", "float32", (7, 9, 11, 13, 15, 16), (9, 6, 3), 128, 224, 224,
-                   batch_sizes=(8,)),
+                   batch_sizes=(8,), steps=5, warmup=1),
     "7b": Scale("random-llama-2-7b", "ViT-L-14-336", "bfloat16", PAPER_LAYERS, (18, 12, 6), 256, 480, 480),
 }
 

@@ -57,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
                         help="default: 8 32 (small: 8)")
     parser.add_argument("--text-length", type=positive_int, default=48, help="prompt length in tokens")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per case (median reported)")
-    parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed steps before them")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed steps per case, median reported (default 10; small: 5)")
+    parser.add_argument("--warmup", type=_non_negative, default=None,
+                        help="untimed steps before them (default 3; small: 1)")
     parser.add_argument("--workers", type=_non_negative, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the data-loading case")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     scale = SCALES[args.scale]
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
+    args.steps = args.steps or scale.steps
+    args.warmup = scale.warmup if args.warmup is None else args.warmup
     args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies) if name != "mit")]
     device = _device(args.device, args.scale)
     output = open(args.output, "w") if args.output is not None else None
