@@ -119,8 +119,9 @@ class InfusionLayer(nn.Module):
                      gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 2–5 of each form as K^r = K ⊙ scale + shift, with scale and shift (B, H, 1, d).
 
-        gated: K + σ(K ⊙ m + a − K) = K ⊙ (1 + σ(m − 1)) + σa; paper: (K ⊙ m + a) σ = K ⊙ mσ + aσ;
-        release: K + (K ⊙ m + a) σ = K ⊙ (1 + mσ) + aσ; without rescaling σ = 1. Only these small
+        gated: K + σ(K ⊙ m + a − K) = K ⊙ (1 + σ(m − 1)) + σa; paper: σ(K ⊙ m + a) = K ⊙ σm + σa;
+        release: K + σ(K ⊙ m + a) = K ⊙ (1 + σm) + σa (σ the per-head gate σ(L'), 1 without
+        rescaling, where the gated form is K' itself and release K + K'). Only these small
         terms are combined; the (B, H, T, d) keys and values are touched by one multiply-add. At
         identity initialisation (m = 1, a = 0) the gated scale is exactly 1 and the shift exactly 0.
         """
