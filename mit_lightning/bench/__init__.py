@@ -27,8 +27,8 @@ the machine's load affects both alike. On a CPU each case also reports its CPU t
 (`cpu_ms`) and the ratios are given from it too (`..._cpu`): on a shared machine, with `--threads 1`,
 those are the steady figures. Data loading reports the mean over its timed batches (workers deliver
 them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed`. Peak memory:
-the highest over a case's steps (see `measure.py`); data loading reports none (it happens in the
-worker processes).
+over a case's warm-up steps (see `measure.py`); data loading reports none (it happens in the worker
+processes).
 
 Modules: `measure` (timing, memory probes), `cases` (the steps and the strategies), `report` (JSON
 lines, ratios, targets), `cli` (arguments and the run).

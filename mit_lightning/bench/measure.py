@@ -90,32 +90,34 @@ class PeakMemory:
 
 def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
             device: torch.device) -> dict[str, dict[str, Any]]:
-    """Per case: the median milliseconds of `steps` timed calls after `warmup` calls, and the peak memory
-    of a call (the highest over all calls).
+    """Per case: the median milliseconds of `steps` timed calls after `warmup` calls, and its peak memory.
 
-    The cases' calls alternate (a, b, a, b, ...), so a change in what else the machine runs affects
-    every case alike and their ratios stay meaningful on a shared machine. On a CPU also `cpu_ms`, the
-    median CPU time the process spent per call: wall time measures the other processes too, CPU time
-    (with one thread) hardly does.
+    Each case first makes its `warmup` calls on its own, inside one peak-memory probe, so the figure
+    includes what the case allocates once (e.g. optimizer state); with no warm-up there is no memory
+    figure. Then the timed calls alternate between the cases (a, b, a, b, ...) with no probe in
+    between: a change in what else the machine runs affects every case alike, so their ratios stay
+    meaningful on a shared machine. On a CPU also `cpu_ms`, the median CPU time the process spent per
+    call: wall time measures the other processes too, CPU time (with one thread) hardly does.
     """
     times: dict[str, list[float]] = {name: [] for name in cases}
     cpu_times: dict[str, list[float]] = {name: [] for name in cases}
-    peaks: dict[str, list[float]] = {name: [] for name in cases}
+    peaks: dict[str, float | None] = {name: None for name in cases}
     measure_name = PeakMemory(device).measure
     try:
-        for call in range(warmup + steps):
-            for name, step in cases.items():
+        for name, step in cases.items():
+            if warmup:
                 with PeakMemory(device) as memory:
-                    synchronize(device)
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    step()
-                    synchronize(device)
-                    elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
-                if memory.mib is not None:
-                    peaks[name].append(memory.mib)
-                if call >= warmup:
-                    times[name].append(elapsed)
-                    cpu_times[name].append(cpu_elapsed)
+                    for _ in range(warmup):
+                        step()
+                peaks[name] = memory.mib
+        for _ in range(steps):
+            for name, step in cases.items():
+                synchronize(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     except torch.OutOfMemoryError:
         release(device)
         failed = {"ms": None, "peak_memory_mib": None, "memory_measure": measure_name, "error": "out of memory"}
@@ -125,6 +127,5 @@ def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
         measured: dict[str, Any] = {"ms": 1000 * statistics.median(times[name])}
         if device.type == "cpu":
             measured["cpu_ms"] = 1000 * statistics.median(cpu_times[name])
-        measured["peak_memory_mib"] = max(peaks[name]) if peaks[name] else None
-        results[name] = {**measured, "memory_measure": measure_name}
+        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name}
     return results
