@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mit bench", description=package.__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=list(SCALES), default="tiny",
                         help="tiny: the tiny presets (CPU); small: a 16-layer 1024-wide LLaMA shape and CLIP ViT-B/16 "
-                             "at 224, random, fp32 (CPU: the frozen LLM dominates); 7b: LLaMA-2-7B and CLIP "
+                             "at 224, random, fp32 (CPU: the frozen backbones dominate a step); 7b: LLaMA-2-7B and CLIP "
                              "ViT-L/14-336 shapes, random, bf16 (GPU)")
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
                         help="fusion strategies whose training step is measured (mit always is: every ratio "
