@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.mit-lightning-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table6 clean-demo
+.PHONY: install demo serve test bench compare reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6 clean-demo
 
 install: $(INSTALLED)
 
@@ -33,6 +33,9 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/mit bench --scale tiny
 
+compare: $(INSTALLED)
+	$(BIN)/mit compare
+
 reproduce-table1: $(INSTALLED)
 	$(BIN)/python -m mit_lightning.reproduce table1
 
@@ -41,6 +44,12 @@ reproduce-table2: $(INSTALLED)
 
 reproduce-table3: $(INSTALLED)
 	$(BIN)/python -m mit_lightning.reproduce table3
+
+reproduce-table4: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table4
+
+reproduce-table5: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table5
 
 reproduce-table6: $(INSTALLED)
 	$(BIN)/python -m mit_lightning.reproduce table6

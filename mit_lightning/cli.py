@@ -1,4 +1,4 @@
-"""The `mit` command: LightningCLI for fit / validate / test / predict, plus the tools in `TOOLS` (bench, serve, export).
+"""The `mit` command: LightningCLI for fit / validate / test / predict, plus the commands in `OTHER_COMMANDS`.
 
 - The run's config is saved in the run directory and inside every checkpoint, so
   `mit test --ckpt_path X` evaluates a checkpoint with nothing else on the command line; a
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -34,7 +35,7 @@ from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
-from mit_lightning.module import MiTModule
+from mit_lightning.module import DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
     checkpoint_folders,
@@ -47,14 +48,16 @@ from mit_lightning.resume import (
 CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
 CHECKPOINT_CONFIG_ENTRY = "mit_config"
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
-#: commands that are not Lightning runs: name -> (module whose `main(args)` runs it, what it does)
-TOOLS = {
-    "bench": ("mit_lightning.bench", "measure MiT's speed and memory against the frozen floor and token concatenation"),
+#: commands beside LightningCLI's: name → (module whose `main(argv)` runs it, one-line summary for `mit --help`)
+OTHER_COMMANDS = {
+    "bench": ("mit_lightning.bench", "speed and memory of each fusion strategy's training step against the frozen floor"),
+    "compare": ("mit_lightning.compare", "train fusion strategies alike on one config; one table of metric, parameters, "
+                                         "step time, memory"),
+    "reproduce": ("mit_lightning.reproduce", "train and test the configs of one of the paper's tables; print it beside "
+                                             "the paper's"),
     "serve": ("mit_lightning.serve.cli", "serve trained models over HTTP, with a web page to try them"),
     "export": ("mit_lightning.export", "write a checkpoint's trained weights and config as a folder to share"),
 }
-TOOLS_HELP = "other commands: " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items()) + \
-    ". Run mit <command> --help for their options."
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -76,6 +79,22 @@ class SaveRunConfig(SaveConfigCallback):
         checkpoint[CHECKPOINT_CONFIG_ENTRY] = {key: full[key] for key in CHECKPOINT_CONFIG_KEYS if key in full}
 
 
+class _KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help layout, with the description and epilog printed line by line as written."""
+
+
+class MiTArgumentParser(LightningArgumentParser):
+    """Says what a config without a model or data usually means: an overlay given without its task config."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if "arguments are required" in message and ("model.head" in message or ".data" in message):
+            message += (
+                ". Give a task config first (e.g. --config configs/demo.yaml or configs/refcoco.yaml); overlays "
+                "such as configs/refcoco+.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
+            )
+        return super().error(message, ex)
+
+
 class MiTCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -83,12 +102,22 @@ class MiTCLI(LightningCLI):
             MiTDataModule,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
+            parser_class=MiTArgumentParser,
             auto_configure_optimizers=False,
             trainer_defaults={"default_root_dir": "runs"},
-            parser_kwargs={"epilog": TOOLS_HELP},
             args=args,
             run=run,
         )
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        """`mit --help` also lists the commands `cli_main` runs before LightningCLI sees them."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            self.parser.formatter_class = _KeepEpilogLines
+            width = max(len(name) for name in OTHER_COMMANDS)
+            self.parser.epilog = "other commands:\n" + "\n".join(
+                f"  {name.ljust(width)}  {summary}" for name, (_, summary) in OTHER_COMMANDS.items()
+            )
 
     def before_instantiate_classes(self) -> None:
         """Settle the checkpoint and the run folder before the model is built (minutes for a 7B LLM).
@@ -142,7 +171,7 @@ class MiTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
             {
-                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5}},
+                "model.optimizer": DEFAULT_OPTIMIZER,
                 "model.lr_scheduler": {
                     "class_path": "torch.optim.lr_scheduler.StepLR",
                     "init_args": {"step_size": 10, "gamma": 0.1},
@@ -283,8 +312,9 @@ def parse_run_config(args: Sequence[str]):
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     """Entry point used by the `mit` script and by tests (which pass `args`)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in TOOLS:
-        importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
+    if args and args[0] in OTHER_COMMANDS:
+        module, _ = OTHER_COMMANDS[args[0]]
+        importlib.import_module(module).main(args[1:])
         return None
     return MiTCLI(args=with_checkpoint_config(args))
 

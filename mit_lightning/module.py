@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Literal
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ from mit_lightning.backbones.fingerprint import check_same_backbones, llm_finger
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.lora import adapter_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
+from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
 from mit_lightning.data.base import DataSpec
 from mit_lightning.checkpoints import load_weights_file
@@ -71,6 +72,8 @@ STAGE_PREFIX = {"validate": "val", "test": "test"}
 #: batch keys every prediction row carries, to join it back to its dataset: ids, the text the model read, the
 #: true label where the data has one (segmentation's ground truth is the mask, summarised by the row's IoU)
 PREDICTION_PASSTHROUGH = ("index", "ref_id", "sent_id", "id", "image_path", "sentence", "text", "prompt", "label")
+#: the paper's optimizer (Adam, lr 4e-5); fused: one pass over the trainable weights per step, not one per operation
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5, "fused": True}}
 
 
 class MiTModule(L.LightningModule):
@@ -82,9 +85,12 @@ class MiTModule(L.LightningModule):
         vision: the frozen CLIP vision tower; null for text + sequence tasks.
         fusion: how the modalities reach the LLM (class path): MiT (default), TokenConcat, PILL, ModeX, TextOnly,
             LateAddition.
+        text_feature: where the text feature is read: at the prompt's last token (the paper's default), or at a
+            learnable task token appended to every prompt (paper section 5.2; backward then runs through every
+            decoder layer).
         sequence_modalities: feature sequences encoded by trainable encoders and fused (e.g. [audio, facial]).
         sequence_encoder: settings of those encoders.
-        optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper).
+        optimizer: optimizer over the trainable parameters only (default Adam, lr 4e-5, as the paper; fused).
         lr_scheduler: learning-rate schedule stepped per epoch (default ×0.1 every 10 epochs, as the paper), or
             per optimizer step for a schedule that says so (`interval = "step"`, e.g. mit_lightning.schedules.WarmupCosine).
         init_weights: a checkpoint written by `mit fit` whose trainable weights this run starts from, with a fresh
@@ -103,6 +109,7 @@ class MiTModule(L.LightningModule):
         llm: LLMConfig = LLMConfig(),
         vision: VisionConfig | None = None,
         fusion: Callable[[ModelDims], Fusion] = MiT,
+        text_feature: Literal["last_token", "task_token"] = "last_token",
         sequence_modalities: list[str] | None = None,
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
@@ -126,9 +133,10 @@ class MiTModule(L.LightningModule):
         self.backbones: dict[str, Any] = {}
         self.data_spec: DataSpec | None = None
         self.fusion_factory = fusion
+        self.text_feature = text_feature
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4e-5)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, **DEFAULT_OPTIMIZER["init_args"])
         self.lr_scheduler_factory = lr_scheduler or partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.1)
         # sizes from config files only: a missing weights path or a bad layer index fails here, at once
         self.llm_shape = LLMShape.from_hf_config(llm.hf_config())
@@ -147,6 +155,7 @@ class MiTModule(L.LightningModule):
         self.vision: FrozenCLIP | None = None
         self.sequence_encoders = nn.ModuleDict()
         self.fusion: Fusion | None = None
+        self.task_token: TaskToken | None = None
         self.head: TaskHead | None = None
         self.eval_metrics = nn.ModuleDict()
         self._eval_splits: dict[str, list[str]] = {}
@@ -215,6 +224,8 @@ class MiTModule(L.LightningModule):
                 for name in (self.sequence_modalities if self.fusion.needs_sequence_vectors else [])
             }
         )
+        if self.text_feature == "task_token":
+            self.task_token = TaskToken(self.llm.model.get_input_embeddings())
         self.head = self.head_factory(dims)
         self._eval_splits = spec.eval_splits
         self.eval_metrics = nn.ModuleDict(
@@ -271,6 +282,8 @@ class MiTModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
         input_ids, attention_mask = self.llm.tokenize(batch["prompt"], self.device)
+        if self.task_token is not None:
+            input_ids, attention_mask = self.task_token.append(input_ids, attention_mask)
         text = self.fusion(self.llm, input_ids, attention_mask, inputs)
         return self.head(text.float(), inputs)
 

@@ -1,27 +1,27 @@
 """Reproduce the paper's tables: train and test each config, print the paper's numbers beside ours.
 
-    python -m mit_lightning.reproduce {table1,table2,table3,table6} [--dry-run] [-- extra mit arguments...]
-    (or: make reproduce-table1, reproduce-table2, reproduce-table3, reproduce-table6)
+    mit reproduce {table1,...,table6} [--dry-run] [-- extra mit arguments...]
+    (or: python -m mit_lightning.reproduce ..., make reproduce-table1 ... reproduce-table6)
 
 Before anything trains, every experiment of the table is built once (configs parsed, weights and
 data paths checked), so a missing file stops the run at once with the list of what is missing.
 Each experiment then runs as its own `mit fit ... --test_after_fit true` process (so multi-GPU
-strategies launch as usual) in `runs/reproduce/<table>/<experiment>/`; an experiment whose results
-are already there is not run again.
+strategies launch as usual) in `runs/reproduce/<experiment>/`; an experiment whose results are
+already there is not run again — an experiment several tables share (RefCOCO with the paper's
+settings fills a row of tables 1, 4 and 5) runs once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mit_lightning.errors import UserError
-
-RESULTS_FILE = "test_metrics.json"
+from mit_lightning.experiments import RESULTS_FILE, find_results, missing_inputs
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,29 @@ def _mosi_ablation(name: str, row: str) -> Experiment:
     return Experiment(name, ("configs/mosi.yaml", f"configs/ablations/{name}.yaml"), _SENTIMENT_CELLS, row=row)
 
 
+_REFCOCO_SPLITS = ("val", "testA", "testB")
+_REFCOCO_ABLATION_COLUMNS = [f"RefCOCO {split}" for split in _REFCOCO_SPLITS]
+#: RefCOCO with the paper's settings: a row of tables 1, 4 and 5, run once
+_REFCOCO = Experiment("refcoco", ("configs/refcoco.yaml",), _refcoco_columns("RefCOCO", _REFCOCO_SPLITS))
+
+
+def _refcoco_ablation(name: str, row: str) -> Experiment:
+    return Experiment(name, ("configs/refcoco.yaml", f"configs/ablations/{name}.yaml"),
+                      _refcoco_columns("RefCOCO", _REFCOCO_SPLITS), row=row)
+
+
+def _refcoco_paper_rows(rows: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {f"{method} (paper)": _paper_row(values, _REFCOCO_ABLATION_COLUMNS) for method, values in rows.items()}
+
+
 TABLES: dict[str, Table] = {
     "table1": Table(
         title="Table 1 — referring segmentation, oIoU (%)",
         columns=tuple(Column(label) for label in _TABLE1_COLUMNS),
         experiments=(
-            Experiment("refcoco", ("configs/refcoco.yaml",), _refcoco_columns("RefCOCO", ("val", "testA", "testB"))),
-            Experiment("refcoco+", ("configs/refcoco+.yaml",), _refcoco_columns("RefCOCO+", ("val", "testA", "testB"))),
-            Experiment("refcocog", ("configs/refcocog.yaml",), _refcoco_columns("RefCOCOg", ("val", "test"))),
+            _REFCOCO,
+            Experiment("refcoco+", ("configs/refcoco.yaml", "configs/refcoco+.yaml"), _refcoco_columns("RefCOCO+", ("val", "testA", "testB"))),
+            Experiment("refcocog", ("configs/refcoco.yaml", "configs/refcocog.yaml"), _refcoco_columns("RefCOCOg", ("val", "test"))),
         ),
         paper={
             "LAVT": _paper_row([72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2, 62.1], _TABLE1_COLUMNS),
@@ -168,6 +183,56 @@ TABLES: dict[str, Table] = {
         },
         notes=_SENTIMENT_NOTES,
     ),
+    "table4": Table(
+        title="Table 4 — modules and vision encoders on RefCOCO, oIoU (%) (FF: FFN infusion, K/V: key/value "
+              "infusion, AR: adaptive head rescaling)",
+        columns=tuple(Column(label) for label in _REFCOCO_ABLATION_COLUMNS),
+        experiments=(
+            _refcoco_ablation("refcoco_no_infusion", "none (ours)"),
+            _refcoco_ablation("refcoco_ffn_only", "FF (+AR) (ours)"),
+            _refcoco_ablation("refcoco_no_ffn", "K/V+AR (ours)"),
+            _refcoco_ablation("refcoco_no_rescale", "K/V+FF (ours)"),
+            dataclasses.replace(_REFCOCO, row="K/V+FF+AR, CLIP-L/14-336 (ours)"),
+            _refcoco_ablation("refcoco_clip_b16_224", "CLIP-B/16-224 (ours)"),
+            _refcoco_ablation("refcoco_clip_l14_224", "CLIP-L/14-224 (ours)"),
+            _refcoco_ablation("refcoco_task_token", "K/V+FF+AR, task token instead of last token (ours)"),
+        ),
+        paper=_refcoco_paper_rows({
+            "none": [51.4, 60.1, 50.0],
+            "FF+AR": [69.4, 72.1, 65.0],
+            "K/V+AR": [72.9, 75.6, 67.7],
+            "K/V+FF": [72.2, 75.4, 67.4],
+            "K/V+FF+AR, CLIP-L/14-336": [73.1, 77.1, 68.4],
+            "CLIP-B/16-224": [71.1, 75.3, 66.1],
+            "CLIP-L/14-224": [72.0, 76.0, 66.2],
+        }),
+        notes=(
+            "AR rescales the infused change of K and V, so without K/V infusion it has nothing to act on: our "
+            "\"FF (+AR)\" row is FFN infusion alone.",
+            "The encoder rows keep every module (K/V+FF+AR); CLIP-B/16 is read by the decoder at blocks 9, 6, 3.",
+            "Task token: the text feature read at a learnable <SEG> token appended to the prompt instead of at the "
+            "last token (paper section 5.2, which reports that the last token wins on short texts but gives no "
+            "number); ours only.",
+        ),
+    ),
+    "table5": Table(
+        title="Table 5 — infused layers (1-based) on RefCOCO, oIoU (%)",
+        columns=tuple(Column(label) for label in _REFCOCO_ABLATION_COLUMNS),
+        experiments=(
+            _refcoco_ablation("refcoco_layers_1_9_17_25_32", "1,9,17,25,32 (ours)"),
+            _refcoco_ablation("refcoco_layers_9_17_25_32", "9,17,25,32 (ours)"),
+            _refcoco_ablation("refcoco_layers_21_25_29_32", "21,25,29,32 (ours)"),
+            _refcoco_ablation("refcoco_layers_17_21_25_29_32", "17,21,25,29,32 (ours)"),
+            dataclasses.replace(_REFCOCO, row="13,17,21,25,29,32 (ours)"),
+        ),
+        paper=_refcoco_paper_rows({
+            "1,9,17,25,32": [69.1, 74.2, 66.0],
+            "9,17,25,32": [71.9, 75.5, 66.8],
+            "21,25,29,32": [72.6, 76.8, 67.9],
+            "17,21,25,29,32": [72.7, 76.7, 68.0],
+            "13,17,21,25,29,32": [73.1, 77.1, 68.4],
+        }),
+    ),
     "table6": Table(
         title="Table 6 — modalities on CMU-MOSI (T text, A acoustic, F facial; Acc-2, F1, Acc-7 in %)",
         columns=_SENTIMENT_COLUMNS,
@@ -193,14 +258,9 @@ TABLES: dict[str, Table] = {
 }
 
 
-def run_directory(table: str, experiment: Experiment, root: Path) -> Path:
-    return root / table / experiment.name
-
-
-def find_results(directory: Path) -> dict[str, float] | None:
-    """The newest test results written under an experiment's run directory, if any."""
-    candidates = sorted(directory.rglob(RESULTS_FILE), key=lambda path: path.stat().st_mtime)
-    return json.loads(candidates[-1].read_text()) if candidates else None
+def run_directory(experiment: Experiment, root: Path) -> Path:
+    """Named by the experiment alone: the same experiment in several tables is one run."""
+    return root / experiment.name
 
 
 def preflight(table: Table, extra: list[str]) -> list[str]:
@@ -222,29 +282,8 @@ def preflight(table: Table, extra: list[str]) -> list[str]:
     return [f"{', '.join(names)}: {problem}" for problem, names in problems.items()]
 
 
-def missing_inputs(config) -> list[str]:
-    """Each component checked on its own, so one run reports every missing path at once."""
-    from jsonargparse import Namespace
-    from lightning.pytorch.cli import instantiate_class
-
-    from mit_lightning.backbones.llm import LLMConfig
-    from mit_lightning.backbones.vision import VisionConfig
-
-    checks = [lambda: LLMConfig(**config.model.llm.as_dict()).hf_config()]
-    if config.model.vision is not None:
-        checks.append(lambda: VisionConfig(**config.model.vision.as_dict()).weights_path())
-    checks.append(lambda: instantiate_class((), Namespace(config.data).as_dict()))
-    problems = []
-    for check in checks:
-        try:
-            check()
-        except UserError as error:
-            problems.append(str(error))
-    return problems
-
-
-def train_and_test(table_name: str, experiment: Experiment, root: Path, extra: list[str]) -> dict[str, float]:
-    directory = run_directory(table_name, experiment, root)
+def train_and_test(experiment: Experiment, root: Path, extra: list[str]) -> dict[str, float]:
+    directory = run_directory(experiment, root)
     command = [
         sys.executable, "-m", "mit_lightning", "fit", *experiment.config_args(), "--test_after_fit", "true",
         "--trainer.default_root_dir", str(directory), "--trainer.logger.init_args.save_dir", str(directory), *extra,
@@ -290,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m mit_lightning.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mit reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("--runs", default="runs/reproduce", help="where the runs and their results go")
@@ -305,11 +344,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         ours = {}
         for experiment in table.experiments:
-            found = find_results(run_directory(args.table, experiment, root))
+            found = find_results(run_directory(experiment, root))
             if found is not None:
-                print(f"{experiment.name}: reusing results in {run_directory(args.table, experiment, root)}")
+                print(f"{experiment.name}: reusing results in {run_directory(experiment, root)}")
             elif not args.dry_run:
-                found = train_and_test(args.table, experiment, root, extra)
+                found = train_and_test(experiment, root, extra)
             ours[experiment.name] = found
         print("\n" + format_table(table, ours))
     except UserError as error:

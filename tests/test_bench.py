@@ -9,16 +9,21 @@ from functools import partial
 import pytest
 import torch
 
-from mit_lightning import bench
+from mit_lightning import bench, scales
+from mit_lightning.bench import cases, measure, report
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig
 from mit_lightning.cli import cli_main
 from mit_lightning.errors import UserError
-from mit_lightning.fusion import MiT
+from mit_lightning.fusion import LateAddition, MiT
 from mit_lightning.module import MiTModule
 
-PER_BATCH_CASES = ("floor", "mit_train", "concat_train", "data_loading")
-RATIO_KEYS = {"mit_over_floor", "concat_over_mit", "mit_over_concat_memory", "mit_inference_ms",
-              "mit_train_samples_per_s"}
+#: every strategy of the table, and late addition added by the tiny run (a strategy is one entry)
+MEASURED = [*cases.STRATEGIES, "late_addition"]
+PEERS = [name for name in MEASURED if name != "mit"]
+PER_BATCH_CASES = ("floor", *(f"{name}_train" for name in MEASURED), "data_loading")
+TIME_RATIOS = {f"{name}_over_floor" for name in MEASURED} | {f"{peer}_over_mit" for peer in PEERS}
+RATIO_KEYS = TIME_RATIOS | {f"{key}_cpu" for key in TIME_RATIOS} | {f"mit_over_{peer}_memory" for peer in PEERS} | {
+    "mit_inference_ms", "mit_train_samples_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,10 @@ def tiny_run(tmp_path_factory):
     tempfile.tempdir = str(tmp_path / "tmp")
     torch.set_num_threads(1)  # tiny models gain nothing from more, and a busy CPU makes threads wait on each other
     try:
-        cli_main(["bench", "--scale", "tiny", "--device", "cpu", "--batch-sizes", "4", "2", "--text-length", "16",
-                  "--warmup", "1", "--steps", "2", "--workers", "1", "--output", str(output)])
+        with pytest.MonkeyPatch.context() as patch:  # a strategy is one entry of the table
+            patch.setitem(cases.STRATEGIES, "late_addition", lambda scale: LateAddition)
+            cli_main(["bench", "--scale", "tiny", "--device", "cpu", "--batch-sizes", "4", "2", "--text-length", "16",
+                      "--warmup", "1", "--steps", "2", "--workers", "1", "--output", str(output)])
     finally:
         tempfile.tempdir = original
         torch.set_num_threads(threads)
@@ -47,18 +54,23 @@ def test_tiny_run_prints_one_json_line_per_case_then_the_ratios(tiny_run):
         assert line["scale"] == "tiny" and line["device"] == "cpu" and line["text_length"] == 16 and line["steps"] == 2
         assert line["ms"] > 0 and line["samples_per_s"] == pytest.approx(line["batch"] * 1000 / line["ms"], rel=1e-2)
         assert "peak_memory_mib" in line and "error" not in line
+        assert (line["cpu_ms"] > 0) if line["case"] != "data_loading" else "cpu_ms" not in line
 
 
 def test_ratio_line_relates_the_cases(tiny_run):
     _, lines = tiny_run
     ratios = lines[-1]
     by_case = {(line["case"], line["batch"]): line for line in lines[:-1]}
-    assert ratios["case"] == "ratios" and RATIO_KEYS <= set(ratios)
+    assert ratios["case"] == "ratios" and RATIO_KEYS | {"case", "scale", "device", "text_length", "machine", "targets"} == set(ratios)
     assert ratios["targets"] is None  # defined for 7B shapes on a GPU only
     for batch in ("2", "4"):
         expected = by_case["mit_train", int(batch)]["ms"] / by_case["floor", int(batch)]["ms"]
         assert ratios["mit_over_floor"][batch] == pytest.approx(expected, rel=1e-2)
-        assert ratios["concat_over_mit"][batch] > 0
+        expected = by_case["mit_train", int(batch)]["cpu_ms"] / by_case["floor", int(batch)]["cpu_ms"]
+        assert ratios["mit_over_floor_cpu"][batch] == pytest.approx(expected, rel=1e-2)
+        expected = by_case["late_addition_train", int(batch)]["ms"] / by_case["mit_train", int(batch)]["ms"]
+        assert ratios["late_addition_over_mit"][batch] == pytest.approx(expected, rel=1e-2)
+        assert ratios["concat_over_mit"][batch] > 0 and ratios["concat_over_floor"][batch] > 0
     assert set(ratios["mit_inference_ms"]) == {"1", "2", "4"}
 
 
@@ -69,19 +81,18 @@ def test_the_run_leaves_no_files_behind(tiny_run):
 
 def test_prompts_fill_exactly_the_text_length():
     llm = FrozenLLM(LLMConfig(path="tiny", dtype="float32", max_text_tokens=24))
-    ids, mask = llm.tokenize(bench.prompts(3, 24), "cpu")
+    ids, mask = llm.tokenize(scales.prompts(3, 24), "cpu")
     assert ids.shape == (3, 24) and bool(mask.all())  # no padding: every sample is exactly 24 tokens
 
 
 def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
-    scale = bench.SCALES["tiny"]
-    module = bench.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
-    batch = bench.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
+    scale = scales.SCALES["tiny"]
+    module = scales.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
+    batch = scales.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
     entering = []
-    with bench.graph_from_layer(module, 3):
-        for layer in module.llm.layers:
-            layer.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
-        bench.floor_step(module, batch)
+    for layer in module.llm.layers:
+        layer.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
+    cases.floor_step(module, batch, 3)
     assert [hidden.requires_grad for hidden in entering] == [False, False, True, True]
     assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
 
@@ -90,8 +101,16 @@ def test_an_out_of_memory_case_is_reported_not_fatal():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    measured = bench.measure(step, steps=2, warmup=1, device=torch.device("cpu"))
-    assert measured["ms"] is None and measured["error"] == "out of memory"
+    measured = measure.measure({"a": lambda: None, "b": step}, steps=2, warmup=1, device=torch.device("cpu"))
+    assert all(case["ms"] is None and case["error"] == "out of memory" for case in measured.values())
+
+
+def test_cases_measured_together_alternate_their_calls():
+    calls = []
+    measured = measure.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=2, warmup=1,
+                               device=torch.device("cpu"))
+    assert calls == ["a", "b"] + ["a", "b"] * 2  # warm-up case by case (memory probe), then alternating
+    assert set(measured) == {"a", "b"} and all(case["ms"] >= 0 and case["cpu_ms"] >= 0 for case in measured.values())
 
 
 def test_targets_compare_each_figure_with_its_limit():
@@ -102,7 +121,7 @@ def test_targets_compare_each_figure_with_its_limit():
         "mit_inference_ms": {1: 20.0},
         "mit_train_samples_per_s": {32: 229.0},
     }
-    targets = bench.check_targets(per_batch)
+    targets = report.check_targets(per_batch)
     assert targets["mit_train / floor at batch 8"]["met"] is True  # at the limit counts
     assert targets["mit_train / floor at batch 32"]["met"] is False
     assert targets["concat_train / mit_train time at batch 8"]["met"] is True
@@ -111,18 +130,31 @@ def test_targets_compare_each_figure_with_its_limit():
 
 
 def test_7b_scale_has_the_papers_shapes():
-    scale = bench.SCALES["7b"]
+    scale = scales.SCALES["7b"]
     module = MiTModule(head=lambda dims: None, llm=LLMConfig(path=scale.llm, dtype=scale.dtype),
-                       vision=bench.vision_config(scale))
+                       vision=scales.vision_config(scale))
     llm, vision = module.llm_shape, module.vision_shape
     assert (llm.num_layers, llm.hidden_size, llm.intermediate_size, llm.num_heads) == (32, 4096, 11008, 32)
     assert (vision.image_size, vision.grid**2, vision.width, vision.embed_dim) == (336, 576, 1024, 768)
     assert scale.layers == (13, 17, 21, 25, 29, 32) and max(scale.vision_blocks) <= vision.depth
 
 
+def test_small_scale_is_a_llama_shape_where_the_llm_outweighs_clip():
+    scale = scales.SCALES["small"]
+    module = MiTModule(head=lambda dims: None, llm=LLMConfig(path=scale.llm, dtype=scale.dtype),
+                       vision=scales.vision_config(scale), fusion=partial(MiT, layers=scale.layers))
+    llm, vision = module.llm_shape, module.vision_shape
+    assert (llm.num_layers, llm.hidden_size, llm.intermediate_size, llm.num_heads) == (16, 1024, 2816, 16)
+    assert (vision.image_size, vision.grid**2, vision.width, vision.depth) == (224, 196, 768, 12)
+    assert max(scale.vision_blocks) <= vision.depth
+    with torch.device("meta"):
+        llm_weights = sum(p.numel() for p in FrozenLLM(LLMConfig(path=scale.llm)).parameters())
+    assert 2e8 < llm_weights < 3e8  # about 2.5 times CLIP ViT-B/16's 86M
+
+
 def test_7b_llm_is_built_on_the_context_device_in_bf16():
     """The bench builds inside `torch.device(device)`: on "meta" nothing is allocated, so no CPU copy either."""
-    scale = bench.SCALES["7b"]
+    scale = scales.SCALES["7b"]
     with torch.device("meta"):
         llm = FrozenLLM(LLMConfig(path=scale.llm, dtype=scale.dtype))
     parameters = list(llm.parameters())

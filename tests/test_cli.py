@@ -158,3 +158,11 @@ def test_validate_evaluates_a_checkpoint_on_the_validation_split(trained):
     metrics = cli.trainer.callback_metrics
     assert {"val/oIoU", "val/mIoU", "val/loss"} <= set(metrics)
     assert 0.0 <= float(metrics["val/oIoU"]) <= 1.0
+
+
+def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mit", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    commands = capsys.readouterr().out.split("other commands:")[1]
+    assert [line.split()[0] for line in commands.strip().splitlines()] == ["bench", "compare", "reproduce", "serve", "export"]

@@ -20,8 +20,10 @@ from mmsa_fixtures import write_mmsa
 from refer_fixtures import write_refer_fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BASES = sorted(path.name for path in CONFIGS.glob("*.yaml"))
-OVERLAYS = sorted(str(path.relative_to(CONFIGS)) for path in CONFIGS.glob("*/*.yaml"))
+#: overlays beside the base configs: the other RefCOCO datasets on refcoco.yaml
+DATASET_OVERLAYS = {"refcoco+.yaml": "refcoco.yaml", "refcocog.yaml": "refcoco.yaml"}
+BASES = sorted(path.name for path in CONFIGS.glob("*.yaml") if path.name not in DATASET_OVERLAYS)
+OVERLAYS = sorted([*DATASET_OVERLAYS, *(str(path.relative_to(CONFIGS)) for path in CONFIGS.glob("*/*.yaml"))])
 #: the base an overlay is written for, by its folder and the start of its name
 OVERLAY_BASES = {("ablations", "refcoco_"): "refcoco.yaml", ("ablations", "release_"): "refcoco.yaml",
                  ("ablations", "mosi_"): "mosi.yaml", ("peers", ""): "demo.yaml", ("trainer", ""): "demo.yaml"}
@@ -47,6 +49,8 @@ def environment(tmp_path_factory):
 
 
 def base_of(overlay: str) -> str:
+    if overlay in DATASET_OVERLAYS:
+        return DATASET_OVERLAYS[overlay]
     group, name = overlay.split("/", 1)
     for (folder, prefix), base in OVERLAY_BASES.items():
         if folder == group and name.startswith(prefix):

@@ -10,7 +10,8 @@ import torch
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, last_token
 from mit_lightning.errors import UserError
 from mit_lightning.fusion import FusionInputs, MiT, ModelDims, TextOnly
-from mit_lightning.fusion.mit import head_cosine
+from mit_lightning.backbones.llm import LLMShape
+from mit_lightning.fusion.mit import FORMS, InfusionLayer, InfusionPayload, head_cosine
 
 PROMPTS = ["the red circle", "Segment the small blue square on the left according to the text. #Segmentation:"]
 FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2"]
@@ -225,3 +226,38 @@ def test_modalities_are_concatenated_in_the_configured_order(tiny_llm_factory):
     assert MiT(dims, layers=[1], modalities=["audio"]).infusions["1"].key_maps.in_features == 8
     with pytest.raises(UserError, match="not produced"):
         MiT(dims, layers=[1], modalities=["image"])
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("form", FORMS)
+def test_infused_keys_and_values_follow_the_equations_of_each_form(form, rescale):
+    """Eq. 1–5 written out term by term, per sample and head, against the layer's fused computation."""
+    shape = LLMShape(hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=8)
+    torch.manual_seed(0)
+    layer = InfusionLayer(6, shape, kv=True, ffn=False, rescale=rescale, form=form, init="default",
+                          head_scale_init=0.3)
+    key, value = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    payload = InfusionPayload(vector=torch.randn(2, 6), token_mask=mask)
+    new_key, new_value = layer.infuse_kv(key, value, payload)
+
+    def terms(maps: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. 1: [multiply | add] per head
+        multiply, add = maps(payload.vector).split(8, dim=-1)
+        return multiply.view(2, 2, 1, 4), add.view(2, 2, 1, 4)
+
+    (key_multiply, key_add), (value_multiply, value_add) = terms(layer.key_maps), terms(layer.value_maps)
+    key_infused, value_infused = key * key_multiply + key_add, value * value_multiply + value_add  # Eq. 2–3
+    gate = torch.ones(2, 2, 1, 1)
+    if rescale:  # Eq. 4–5: L + cos(V_h over the real tokens, I_a,h repeated over them)
+        for b, real in enumerate(mask.sum(dim=1).tolist()):
+            for h in range(2):
+                cosine = torch.nn.functional.cosine_similarity(
+                    value[b, h, :real].flatten(), value_add[b, h].repeat(real, 1).flatten(), dim=0)
+                gate[b, h] = torch.sigmoid(layer.head_scale[h] + cosine)
+    for original, infused, result in ((key, key_infused, new_key), (value, value_infused, new_value)):
+        expected = {
+            "gated": original + gate * (infused - original) if rescale else infused,
+            "paper": infused * gate,
+            "release": original + infused * gate,
+        }[form]
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)

@@ -21,9 +21,11 @@ RELEASE_PROMPT = (
 )
 
 
-@pytest.mark.parametrize("paper_config", ["refcoco.yaml", "refcoco+.yaml", "refcocog.yaml"])
-def test_the_overlay_gives_the_release_set_up_on_every_paper_config(paper_config: str):
-    config = parse_run_config(["--config", str(REPO / "configs" / paper_config), "--config", RECIPE])
+@pytest.mark.parametrize("dataset_overlay", [[], ["refcoco+.yaml"], ["refcocog.yaml"]])
+def test_the_overlay_gives_the_release_set_up_on_every_paper_config(dataset_overlay: list[str]):
+    configs = ["refcoco.yaml", *dataset_overlay]
+    config = parse_run_config([*(arg for name in configs for arg in ("--config", str(REPO / "configs" / name))),
+                               "--config", RECIPE])
     variant = yaml.safe_load((REPO / "configs" / "ablations" / "release_variant.yaml").read_text())
     assert vars(config.model.fusion.init_args).items() >= variant["model"]["fusion"]["init_args"].items()
     head = config.model.head.init_args

@@ -80,6 +80,50 @@ def test_table6_rows_differ_only_in_the_modalities_and_the_fusion():
     }
 
 
+def test_an_experiment_is_the_same_run_in_every_table_it_appears_in():
+    experiments: dict[str, Experiment] = {}
+    for table in TABLES.values():
+        for experiment in table.experiments:
+            seen = experiments.setdefault(experiment.name, experiment)
+            assert (seen.configs, seen.columns) == (experiment.configs, experiment.columns), experiment.name
+    assert {"table1", "table4", "table5"} == {name for name, table in TABLES.items()
+                                              if any(e.name == "refcoco" for e in table.experiments)}
+
+
+@pytest.mark.parametrize("name", ["table4", "table5"])
+def test_refcoco_ablation_rows_differ_from_the_paper_settings_only_in_their_overlay(name: str):
+    base = parsed(Experiment("refcoco", ("configs/refcoco.yaml",), {}))
+    for experiment in TABLES[name].experiments:
+        assert experiment.configs[0] == "configs/refcoco.yaml"
+        config = parsed(experiment)
+        assert (config.data, config.trainer.max_epochs, config.model.optimizer) == (
+            base.data, base.trainer.max_epochs, base.model.optimizer)
+    layers = {tuple(parsed(e).model.fusion.init_args.layers) for e in TABLES["table5"].experiments}
+    assert layers == {(1, 9, 17, 25, 32), (9, 17, 25, 32), (21, 25, 29, 32), (17, 21, 25, 29, 32),
+                      (13, 17, 21, 25, 29, 32)}
+
+
+def test_table4_puts_the_papers_ablation_rows_beside_ours():
+    results = {"test/val/oIoU": 0.7, "test/testA/oIoU": 0.75, "test/testB/oIoU": 0.65}
+    rows = rows_of(format_table(TABLES["table4"], {"refcoco": results, "refcoco_task_token": results}))
+    assert rows["none (paper)"] == ["51.4", "60.1", "50.0"]
+    assert rows["CLIP-B/16-224 (paper)"] == ["71.1", "75.3", "66.1"]
+    assert rows["K/V+FF+AR, CLIP-L/14-336 (ours)"] == ["70.0", "75.0", "65.0"]
+    assert rows["K/V+FF+AR, task token instead of last token (ours)"] == ["70.0", "75.0", "65.0"]
+    assert set(rows["none (ours)"]) == {"—"}
+    assert parsed(next(e for e in TABLES["table4"].experiments if e.name == "refcoco_task_token")).model.text_feature \
+        == "task_token"
+
+
+def test_table5_rows_follow_the_papers_layer_lists():
+    rows = rows_of(format_table(TABLES["table5"], {}))
+    assert rows["1,9,17,25,32 (paper)"] == ["69.1", "74.2", "66.0"]
+    assert rows["13,17,21,25,29,32 (paper)"] == ["73.1", "77.1", "68.4"]
+    assert [method for method in rows if method.endswith("(ours)")] == [
+        "1,9,17,25,32 (ours)", "9,17,25,32 (ours)", "21,25,29,32 (ours)", "17,21,25,29,32 (ours)",
+        "13,17,21,25,29,32 (ours)"]
+
+
 def test_a_table_refuses_cells_for_columns_it_does_not_have():
     with pytest.raises(ValueError, match="Acc-3"):
         Table("t", (Column("Acc"),), (Experiment("e", ("c.yaml",), {"Acc-3": "test/test/x"}),), paper={})
@@ -168,7 +212,7 @@ def available_inputs(tmp_path: Path, monkeypatch) -> Path:
 
 def test_main_runs_only_the_experiments_without_results(available_inputs: Path, monkeypatch, capsys):
     runs = available_inputs / "runs"
-    write_results(runs / "table6" / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
+    write_results(runs / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
     started: list[list[str]] = []
 
     def fake_run(command: list[str], check: bool) -> None:
@@ -199,6 +243,8 @@ def test_dry_run_checks_the_inputs_and_trains_nothing(name: str, available_input
 #: table → paths that must be named when nothing is there (relative to the missing data root)
 EXPECTED_MISSING = {
     "table1": ["nodata"],
+    "table4": ["nodata"],
+    "table5": ["nodata"],
     "table2": ["nodata/food101", "nodata/snli_ve"],
     "table3": ["nodata/MOSI/Processed/unaligned_50.pkl", "nodata/MOSEI/Processed/unaligned_50.pkl"],
 }

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import mit_lightning
-from mit_lightning import bench
+from mit_lightning import scales
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.vision import FrozenCLIP
@@ -40,14 +40,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 DDP, FSDP = CONFIGS / "trainer" / "ddp_2gpu_bf16.yaml", CONFIGS / "trainer" / "fsdp.yaml"
 CPU = torch.device("cpu")
-TINY = bench.SCALES["tiny"]
+TINY = scales.SCALES["tiny"]
 
 # training_step logs its loss; without a Trainer, Lightning warns that nothing is logged
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
 
 def tiny_module(layers=(2, 3, 4), dtype: str = "float32") -> MiTModule:
-    return bench.build_module(dataclasses.replace(TINY, dtype=dtype), partial(MiT, layers=layers), 16, CPU)
+    return scales.build_module(dataclasses.replace(TINY, dtype=dtype), partial(MiT, layers=layers), 16, CPU)
 
 
 def hidden_entering_layers(llm: FrozenLLM) -> list[torch.Tensor]:
@@ -69,7 +69,7 @@ def test_training_builds_no_graph_below_the_first_infused_layer():
     module = tiny_module(layers=(3, 4))
     module.train()
     entering = hidden_entering_layers(module.llm)
-    module.training_step(bench.synthetic_batch(module, TINY, 2, 16, CPU), 0).backward()
+    module.training_step(scales.synthetic_batch(module, TINY, 2, 16, CPU), 0).backward()
     assert [hidden.requires_grad for hidden in entering] == [False, False, False, True]
 
 
@@ -83,7 +83,7 @@ def test_frozen_weights_stay_bf16_and_only_trainable_ones_get_optimizer_state():
     optimizer = module.configure_optimizers()["optimizer"]
     module.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what precision: bf16-mixed does
-        train_step(module, optimizer, bench.synthetic_batch(module, TINY, 2, 8, CPU))
+        train_step(module, optimizer, scales.synthetic_batch(module, TINY, 2, 8, CPU))
     assert {id(p) for p in optimizer.state} == {id(p) for p in trainable}
     assert all(p.grad is None for p in frozen.values())
 
@@ -99,7 +99,7 @@ def test_attention_stays_on_sdpa(monkeypatch, padded):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
-    batch = bench.synthetic_batch(module, TINY, 2, 16, CPU)
+    batch = scales.synthetic_batch(module, TINY, 2, 16, CPU)
     if padded:
         batch["prompt"] = ["the red circle", batch["prompt"][1]]
     module(batch)
@@ -144,7 +144,7 @@ def test_training_and_evaluation_steps_make_no_host_sync_in_our_code():
     """transformers' mask code reads one value per LLM call and Adam its CPU step counters: not ours."""
     module = tiny_module()
     optimizer = module.configure_optimizers()["optimizer"]
-    batch = bench.synthetic_batch(module, TINY, 3, 16, CPU)
+    batch = scales.synthetic_batch(module, TINY, 3, 16, CPU)
     batch["prompt"][0] = "the red circle"  # padding too
     module.train()
     train_step(module, optimizer, batch)  # Adam creates its state outside the audit
@@ -253,7 +253,7 @@ def test_fsdp_units_each_hold_one_dtype(fusion):
     module = MiTModule(
         head=partial(ReferringSegmentation, vision_blocks=(4, 2), width=32),
         llm=LLMConfig(path="tiny", dtype="bfloat16"),
-        vision=bench.vision_config(dataclasses.replace(TINY, dtype="bfloat16")),
+        vision=scales.vision_config(dataclasses.replace(TINY, dtype="bfloat16")),
         fusion=fusion, sequence_modalities=["audio"],
     )
     module.build(DataSpec(sequence_dims={"audio": 8}))

@@ -38,7 +38,7 @@ class LLMConfig:
     Args:
         path: local HuggingFace model folder (config.json, weights, tokenizer files), or a preset
             built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2 (tests, demo),
-            random-llama-2-7b, random-llama-2-13b (benchmarks).
+            random-llama-2-7b, random-llama-2-13b, random-llama-16x1024 (benchmarks).
         dtype: dtype of the frozen weights (bfloat16 in the paper).
         attention: the attention kernel the infused layers keep using: sdpa, flash_attention_2, eager, ...
         padding_side: where the tokenizer pads; the last-token feature is correct for both.

@@ -4,6 +4,8 @@
   demo run on a CPU with them.
 - `random-llama-2-7b`, `random-llama-2-13b`: the paper's shapes with random weights, for
   benchmarks of speed and memory on a GPU.
+- `random-llama-16x1024`: a LLaMA-shaped 16-layer, 1024-wide decoder with random weights, for
+  benchmarks on a CPU where the frozen LLM still dominates a training step.
 
 Frozen weights are never saved in checkpoints, so a random backbone must be rebuilt bit-for-bit
 identical in every process: everything here is derived from a seed with a private generator.
@@ -37,12 +39,14 @@ _CORPUS_LINES = [
 ]
 
 TINY_LLM_PRESETS = ("tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2")
-# LLaMA-2 shapes (hidden, FFN, layers, heads); key/value heads equal heads in LLaMA-2 7B/13B
-PAPER_SHAPE_PRESETS = {
+# LLaMA shapes (hidden, FFN, layers, heads); key/value heads equal heads, as in LLaMA-2 7B/13B.
+# The FFN of the 16x1024 shape follows LLaMA's rule (8/3 of the width, rounded up to 256).
+LLAMA_SHAPE_PRESETS = {
     "random-llama-2-7b": (4096, 11008, 32, 32),
     "random-llama-2-13b": (5120, 13824, 40, 40),
+    "random-llama-16x1024": (1024, 2816, 16, 16),
 }
-LLM_PRESETS = TINY_LLM_PRESETS + tuple(PAPER_SHAPE_PRESETS)
+LLM_PRESETS = TINY_LLM_PRESETS + tuple(LLAMA_SHAPE_PRESETS)
 
 
 def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -67,11 +71,11 @@ def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
 
 def preset_llm_config(preset: str, vocab_size: int):
-    """The HF config of a preset: a tiny decoder, or a LLaMA-2 shape with the tiny vocabulary."""
+    """The HF config of a preset: a tiny decoder, or a LLaMA shape with the tiny vocabulary."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    if preset in PAPER_SHAPE_PRESETS:
-        hidden, ffn, layers, heads = PAPER_SHAPE_PRESETS[preset]
+    if preset in LLAMA_SHAPE_PRESETS:
+        hidden, ffn, layers, heads = LLAMA_SHAPE_PRESETS[preset]
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,

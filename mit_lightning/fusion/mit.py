@@ -19,6 +19,9 @@ Choices where the paper cannot be taken literally (see docs in README):
   b^f=1) leaves the LLM exactly as it was ("progressive infusion");
   "paper" is Eq. 5 literally, K^r = K' ⊙ σ(L') (not the identity at initialisation);
   "release" is the authors' code, K^r = K + (K ⊙ I_d + I_a) ⊙ σ(L'), with PyTorch's default init.
+  One difference remains in every form: the authors' code takes Eq. 4's cosine over all positions,
+  padding included, so its output for a sample depends on how much its batch is padded; here the
+  cosine covers the sample's real tokens only.
 - K is infused after the rotary embedding (the attention extension point sees post-RoPE keys;
   the release does the same). With grouped-query attention, K/V have `num_kv_heads` heads and
   the maps are sized accordingly.
@@ -53,13 +56,15 @@ class InfusionPayload(TapPayload):
 def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """cos(V_h flattened over real tokens, I_a,h repeated over them) → (B, H).
 
-    value: (B, H, T, d); add: (B, H, 1, d); token_mask: (B, T).
+    value: (B, H, T, d); add: (B, H, 1, d); token_mask: (B, T). The dot product is taken as
+    (Σ_t m_t V_t) · I_a, so the (B, H, T, d) values are read twice (a masked sum and squared norms)
+    rather than once per product term.
     """
-    mask = token_mask[:, None, :, None].to(torch.float32)
-    value, add = value.float(), add.float()
-    dot = (value * add * mask).sum(dim=(-2, -1))
-    value_norm = (value.square() * mask).sum(dim=(-2, -1)).sqrt()
-    repeated_add_norm = add.norm(dim=-1).squeeze(-1) * mask.sum(dim=(-2, -1)).sqrt()
+    value, add = value.float(), add.float().squeeze(2)
+    mask = token_mask.to(torch.float32)
+    dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
+    value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
+    repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
     return dot / (value_norm * repeated_add_norm).clamp_min(eps)
 
 
@@ -110,27 +115,38 @@ class InfusionLayer(nn.Module):
         multiply, add = terms.view(vector.shape[0], 2, self.num_kv_heads, 1, self.head_dim).unbind(dim=1)
         return multiply, add
 
-    def _combine(self, original: torch.Tensor, infused: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if self.form == "release":
-            return original + (infused if gate is None else infused * gate)
+    def _scale_shift(self, multiply: torch.Tensor, add: torch.Tensor,
+                     gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2–5 of each form as K^r = K ⊙ scale + shift, with scale and shift (B, H, 1, d).
+
+        gated: K + σ(K ⊙ m + a − K) = K ⊙ (1 + σ(m − 1)) + σa; paper: σ(K ⊙ m + a) = K ⊙ σm + σa;
+        release: K + σ(K ⊙ m + a) = K ⊙ (1 + σm) + σa (σ the per-head gate σ(L'), 1 without
+        rescaling, where the gated form is K' itself and release K + K'). Only these small
+        terms are combined; the (B, H, T, d) keys and values are touched by one multiply-add. At
+        identity initialisation (m = 1, a = 0) the gated scale is exactly 1 and the shift exactly 0.
+        """
         if gate is None:
-            return infused
-        if self.form == "paper":
-            return infused * gate
-        return original + gate * (infused - original)
+            return (1 + multiply if self.form == "release" else multiply), add
+        if self.form == "release":
+            scale = 1 + multiply * gate
+        elif self.form == "paper":
+            scale = multiply * gate
+        else:
+            scale = 1 + gate * (multiply - 1)
+        return scale, add * gate
 
     def infuse_kv(self, key: torch.Tensor, value: torch.Tensor, payload: InfusionPayload):
         """Eq. 1–5 on post-RoPE keys and values (B, H_kv, T, d)."""
         key_multiply, key_add = self._multiply_add(self.key_maps, payload.vector)
         value_multiply, value_add = self._multiply_add(self.value_maps, payload.vector)
-        key_infused = key * key_multiply + key_add
-        value_infused = value * value_multiply + value_add
         gate = None
         if self.head_scale is not None:
             similarity = head_cosine(value, value_add, payload.token_mask)
             gate = torch.sigmoid(self.head_scale + similarity)[:, :, None, None]
-        new_key = self._combine(key, key_infused, gate)
-        new_value = self._combine(value, value_infused, gate)
+        key_scale, key_shift = self._scale_shift(key_multiply, key_add, gate)
+        value_scale, value_shift = self._scale_shift(value_multiply, value_add, gate)
+        new_key = torch.addcmul(key_shift, key, key_scale)
+        new_value = torch.addcmul(value_shift, value, value_scale)
         return new_key.to(key.dtype), new_value.to(value.dtype)
 
     def infuse_ffn(self, activation: torch.Tensor, payload: InfusionPayload) -> torch.Tensor:

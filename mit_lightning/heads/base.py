@@ -16,12 +16,14 @@ class TaskHead(nn.Module):
 
     `vision_blocks` lists the CLIP blocks whose patch tokens the head reads. `task` names what a trained
     model answers when used on new inputs (`mit_lightning.inference`): segmentation, classification or
-    sentiment; None for a head that has no such use yet. (Which validation metric picks the best
+    sentiment; None for a head that has no such use yet. `summary_metrics` are the test metrics a
+    comparison of fusion strategies shows (`mit compare`). (Which validation metric picks the best
     checkpoint is the config's ModelCheckpoint setting.)
     """
 
     task: str | None = None
     vision_blocks: tuple[int, ...] = ()
+    summary_metrics: tuple[str, ...] = ("loss",)
 
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         raise NotImplementedError

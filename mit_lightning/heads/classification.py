@@ -28,6 +28,7 @@ class ImageTextClassification(TaskHead):
     """
 
     task = "classification"
+    summary_metrics = ("accuracy", "macro_f1")
 
     def __init__(self, dims: ModelDims, hidden: int = 1024, dropout: float = 0.1, num_classes: int | None = None) -> None:
         super().__init__()

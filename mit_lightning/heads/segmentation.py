@@ -103,6 +103,7 @@ class ReferringSegmentation(TaskHead):
     """
 
     task = "segmentation"
+    summary_metrics = ("oIoU", "mIoU")
 
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int | None = None,

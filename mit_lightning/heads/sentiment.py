@@ -26,6 +26,7 @@ class SentimentRegression(TaskHead):
     """
 
     task = "sentiment"
+    summary_metrics = ("MAE", "Corr", "Acc2_has0", "Acc7")
 
     def __init__(self, dims: ModelDims, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__()

@@ -1,0 +1,146 @@
+"""The measured cases: the frozen floor, each strategy's training step, MiT inference, data loading."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from contextlib import contextmanager
+from functools import partial
+from math import ceil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from mit_lightning.backbones.llm import last_token
+from mit_lightning.backbones.vision import VisionShape
+from mit_lightning.bench.measure import measure, release
+from mit_lightning.bench.report import Report
+from mit_lightning.data.refer import RefCOCODataModule
+from mit_lightning.data.synthetic import write_synthetic_refer
+from mit_lightning.backbones.lora import LoRA
+from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
+from mit_lightning.fusion.base import Fusion, ModelDims
+from mit_lightning.module import MiTModule
+from mit_lightning.scales import Scale, build_module, synthetic_batch, vision_config
+
+#: strategy → its fusion factory at a scale, with the settings of its configs/peers overlay; each gets a
+#: `<strategy>_train` case. MiT comes first: the floor and inference are measured on its model, and every
+#: ratio refers to it. PILL is measured in stage 2, where everything of it trains.
+STRATEGIES: dict[str, Callable[[Scale], Callable[[ModelDims], Fusion]]] = {
+    "mit": lambda scale: partial(MiT, layers=scale.layers),
+    "concat": lambda scale: TokenConcat,
+    "concat_lora": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
+    "pill": lambda scale: partial(PILL, stage=2, rank=32, projector="linear"),
+    "modex": lambda scale: partial(ModeX, rank=16),
+}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- the steps ------------------------------------------------------------------------------------
+@contextmanager
+def graph_from_layer(module: MiTModule, layer: int) -> Iterator[None]:
+    """Make the hidden state entering decoder layer `layer` (1-based) a leaf that requires grad."""
+
+    def start_graph(_layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+
+    handle = module.llm.layers[layer - 1].register_forward_pre_hook(start_graph, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def floor_step(module: MiTModule, batch: dict[str, Any], first_layer: int) -> None:
+    """The frozen backbones' share of a step, with backward from the last token down to `first_layer` (1-based)."""
+    with graph_from_layer(module, first_layer), _autocast(module.device):
+        module.encode_modalities(batch)
+        input_ids, attention_mask = module.llm.tokenize(batch["prompt"], module.device)
+        feature = last_token(module.llm(attention_mask, input_ids=input_ids), attention_mask)
+    feature.float().sum().backward()
+
+
+def training_step(module: MiTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(module.device):
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    optimizer.step()
+
+
+def inference_step(module: MiTModule, batch: dict[str, Any]) -> None:
+    with torch.inference_mode(), _autocast(module.device):
+        module(batch)
+
+
+# --- the runs -------------------------------------------------------------------------------------
+def _timing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    return dict(steps=args.steps, warmup=args.warmup, device=device)
+
+
+def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:
+    """floor, mit_train and mit_inference on one MiT model, then each other strategy's training step."""
+    module = build_module(scale, STRATEGIES["mit"](scale), args.text_length, device)
+    run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers))
+    module.eval()
+    for batch_size in sorted({1, *args.batch_sizes}):
+        batch = synthetic_batch(module, scale, batch_size, args.text_length, device)
+        measured = measure({"mit_inference": lambda: inference_step(module, batch)}, **_timing(args, device))
+        report.case("mit_inference", batch_size, measured["mit_inference"])
+    del module, batch
+    release(device)
+    for strategy in args.strategies:
+        if strategy == "mit":
+            continue
+        module = build_module(scale, STRATEGIES[strategy](scale), args.text_length, device)
+        run_training_cases(report, module, f"{strategy}_train", scale, args)
+        del module
+        release(device)
+
+
+def run_training_cases(report: Report, module: MiTModule, case: str, scale: Scale, args: argparse.Namespace,
+                       floor_from: int | None = None) -> None:
+    """Training steps at every batch size, alternating with the floor's when `floor_from` names the first
+    infused layer."""
+    optimizer = module.configure_optimizers()["optimizer"]
+    timing = _timing(args, module.device)
+    module.train()
+    for batch_size in args.batch_sizes:
+        batch = synthetic_batch(module, scale, batch_size, args.text_length, module.device)
+        steps = {case: lambda: training_step(module, optimizer, batch)}
+        if floor_from is not None:
+            steps = {"floor": lambda: floor_step(module, batch, floor_from), **steps}
+        for name, measured in measure(steps, **timing).items():
+            report.case(name, batch_size, measured)
+
+
+def run_data_loading(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:
+    """Batches per second out of the RefCOCO training DataLoader, on a temporary synthetic dataset."""
+    image_size = VisionShape.from_architecture(vision_config(scale).architecture()).image_size
+    batches = args.warmup + args.steps
+    with tempfile.TemporaryDirectory(prefix="mit-bench-") as folder:
+        # at least 2 refs per image, and a training epoch serves each ref once
+        root = write_synthetic_refer(Path(folder) / "refer", train_images=ceil(batches * max(args.batch_sizes) / 2),
+                                     val_images=1, test_images=1, image_size=scale.source_image_size)
+        for batch_size in args.batch_sizes:
+            data = RefCOCODataModule(root=str(root), image_size=image_size, mask_size=scale.mask_size,
+                                     batch_size=batch_size, num_workers=args.workers,
+                                     pin_memory=device.type == "cuda")
+            data.setup("fit")
+            loader = data.train_dataloader()
+            batches = iter(loader)
+            for _ in range(args.warmup):
+                next(batches)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                next(batches)
+            ms = 1000 * (time.perf_counter() - start) / args.steps
+            report.case("data_loading", batch_size, {"ms": ms, "peak_memory_mib": None, "workers": args.workers})
+            del batches, loader  # the last reference to the workers: they stop before the folder goes

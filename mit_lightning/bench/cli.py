@@ -1,0 +1,102 @@
+"""`mit bench` arguments: which scale, device, batch sizes and strategies; then the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import mit_lightning.bench as package
+from mit_lightning.bench.cases import STRATEGIES, run_data_loading, run_module_cases
+from mit_lightning.bench.report import Report, ratios
+from mit_lightning.errors import UserError
+from mit_lightning.scales import SCALES
+
+
+def _device(name: str | None, scale: str) -> torch.device:
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu "
+                        "(--scale tiny or small).")
+    if scale == "7b" and name != "cuda":
+        raise UserError("--scale 7b needs a CUDA GPU (token concatenation alone takes about 33 GiB at batch 8); "
+                        "on a CPU, use --scale small (or tiny).")
+    return torch.device(name)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mit bench", description=package.__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="tiny",
+                        help="tiny: the tiny presets (CPU); small: a 16-layer 1024-wide LLaMA shape and CLIP ViT-B/16 "
+                             "at 224, random, fp32 (CPU: the frozen backbones dominate a step); 7b: LLaMA-2-7B and CLIP "
+                             "ViT-L/14-336 shapes, random, bf16 (GPU)")
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
+                        help="fusion strategies whose training step is measured (mit always is: every ratio "
+                             "refers to it); default: all")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
+                        help="default: 8 32 (small: 8)")
+    parser.add_argument("--text-length", type=positive_int, default=48, help="prompt length in tokens")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed steps per case, median reported (default 10; small: 5)")
+    parser.add_argument("--warmup", type=_non_negative, default=None,
+                        help="untimed steps before them (default 3; small: 1)")
+    parser.add_argument("--workers", type=_non_negative, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader workers of the data-loading case")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of the measured steps (default: torch's choice); 1 keeps timings steady on a "
+                             "busy machine, where threads of one operation wait on each other")
+    parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
+                        help="skip the data-loading case")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    scale = SCALES[args.scale]
+    args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
+    args.steps = args.steps or scale.steps
+    args.warmup = scale.warmup if args.warmup is None else args.warmup
+    args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies) if name != "mit")]
+    device = _device(args.device, args.scale)
+    output = open(args.output, "w") if args.output is not None else None
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        report = Report(args.scale, device, args.text_length, args.steps, output)
+        with warnings.catch_warnings():
+            # training_step logs its loss; without a Trainer, Lightning only warns that nothing is logged
+            warnings.filterwarnings("ignore", message=r".*self\.log\(\)` but the `self\.trainer` reference")
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+                torch.manual_seed(0)  # the trainable parts' initial weights; the caller's RNG is left alone
+                run_module_cases(report, scale, args, device)
+        if args.data_loading:
+            run_data_loading(report, scale, args, device)
+        report.emit(ratios(report, args.strategies, args.batch_sizes,
+                           with_targets=args.scale == "7b" and device.type == "cuda", device=device))
+    finally:
+        torch.set_num_threads(threads)
+        if output is not None:
+            output.close()

@@ -1,0 +1,131 @@
+"""Timing and peak memory of a piece of work, on a GPU or a CPU.
+
+Peak memory: on a GPU, `torch.cuda.max_memory_allocated` (weights included); on a CPU, how far the
+process's peak resident memory rose (Linux `/proc`, else None): a rough figure, since freed memory
+the allocator keeps is not counted again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+MIB = 2**20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Give back what earlier work left behind before measuring the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """The current resident size in KiB, after resetting the kernel's peak (Linux); None where impossible.
+
+    Memory freed earlier is handed back to the system first (glibc keeps it otherwise), so that the
+    measured work's own allocations raise the resident size again.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+class PeakMemory:
+    """Peak memory during a block, in MiB (see the module docstring for what it means per device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib: float | None = None
+        self._start_kib: int | None = None
+
+    @property
+    def measure(self) -> str:
+        return "cuda_max_memory_allocated" if self.device.type == "cuda" else "cpu_peak_rss_rise"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._start_kib = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / MIB
+            return
+        peak = _status_kib("VmHWM")
+        if self._start_kib is not None and peak is not None:
+            self.mib = max(peak - self._start_kib, 0) / 1024
+
+
+def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
+            device: torch.device) -> dict[str, dict[str, Any]]:
+    """Per case: the median milliseconds of `steps` timed calls after `warmup` calls, and its peak memory.
+
+    Each case first makes its `warmup` calls on its own, inside one peak-memory probe, so the figure
+    includes what the case allocates once (e.g. optimizer state); with no warm-up there is no memory
+    figure. Then the timed calls alternate between the cases (a, b, a, b, ...) with no probe in
+    between: a change in what else the machine runs affects every case alike, so their ratios stay
+    meaningful on a shared machine. On a CPU also `cpu_ms`, the median CPU time the process spent per
+    call: wall time measures the other processes too, CPU time (with one thread) hardly does.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu_times: dict[str, list[float]] = {name: [] for name in cases}
+    peaks: dict[str, float | None] = {name: None for name in cases}
+    measure_name = PeakMemory(device).measure
+    try:
+        for name, step in cases.items():
+            if warmup:
+                with PeakMemory(device) as memory:
+                    for _ in range(warmup):
+                        step()
+                peaks[name] = memory.mib
+        for _ in range(steps):
+            for name, step in cases.items():
+                synchronize(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+    except torch.OutOfMemoryError:
+        release(device)
+        failed = {"ms": None, "peak_memory_mib": None, "memory_measure": measure_name, "error": "out of memory"}
+        return {name: dict(failed) for name in cases}
+    results = {}
+    for name in cases:
+        measured: dict[str, Any] = {"ms": 1000 * statistics.median(times[name])}
+        if device.type == "cpu":
+            measured["cpu_ms"] = 1000 * statistics.median(cpu_times[name])
+        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name}
+    return results

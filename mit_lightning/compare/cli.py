@@ -1,0 +1,212 @@
+"""`mit compare` arguments, the check of every strategy before anything trains, the runs and the table."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import mit_lightning.compare as package
+from mit_lightning.bench.cli import positive_int
+from mit_lightning.compare.cost import COST_FILE
+from mit_lightning.compare.table import Row, markdown, write_csv
+from mit_lightning.errors import UserError
+from mit_lightning.experiments import find_results, missing_inputs
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+PEERS = "configs/peers"
+COST_CALLBACK = "mit_lightning.compare.TrainingCost"
+
+
+@dataclass
+class Strategy:
+    """One strategy's run: its overlay, its parsed config and where it runs."""
+
+    name: str
+    overlay: Path
+    config: Any  # the parsed run config (jsonargparse Namespace)
+    directory: Path | None = None
+
+
+def available_strategies(folder: Path) -> dict[str, Path]:
+    """Every overlay in `folder`, named by its file stem; MiT first."""
+    if not folder.is_dir():
+        raise UserError(f"No strategy folder at '{folder}': run from the repository root, or give --peers.")
+    overlays = {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+    if not overlays:
+        raise UserError(f"'{folder}' holds no strategy overlays (*.yaml).")
+    return dict(sorted(overlays.items(), key=lambda item: (item[0] != "mit", item[0])))
+
+
+def _parse(args: list[str]):
+    """The run config of `mit fit <args>`; a config error becomes a UserError with jsonargparse's message."""
+    from mit_lightning.cli import parse_run_config
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse_run_config(args)
+    except SystemExit:
+        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
+        raise UserError(" ".join(message.split())) from None
+
+
+def fit_args(configs: Sequence[str], overlay: Path, budget: list[str], extra: list[str]) -> list[str]:
+    return [*(arg for config in configs for arg in ("--config", config)), "--config", str(overlay), *budget, *extra]
+
+
+def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str]) -> Strategy:
+    """Parse the strategy's config and check its weights and data paths; nothing is loaded."""
+    config = _parse(fit_args(configs, overlay, budget, extra))
+    logger = config.trainer.logger
+    if isinstance(logger, list):
+        raise UserError("mit compare gives every strategy its own log folder, which it cannot do for a list of "
+                        "loggers; configure one logger (or none).")
+    problems = missing_inputs(config)
+    if problems:
+        raise UserError(" ".join(problems))
+    return Strategy(name, overlay, config)
+
+
+def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], budget: list[str],
+         extra: list[str]) -> list[Strategy]:
+    """The strategies to run, all checked first. Named ones must all pass; by default, those that cannot
+    run from this config alone (e.g. a stage that needs an earlier stage's checkpoint) are left out with a note."""
+    overlays = available_strategies(folder)
+    unknown = [name for name in chosen or [] if name not in overlays]
+    if unknown:
+        raise UserError(f"Unknown strategies {unknown}; available (overlays in {folder}): {', '.join(overlays)}.")
+    strategies, problems = [], {}
+    for name in chosen or overlays:
+        try:
+            strategies.append(check(name, overlays[name], configs, budget, extra))
+        except UserError as error:
+            problems[name] = str(error)
+    if problems and (chosen or not strategies):
+        by_problem: dict[str, list[str]] = {}
+        for name, problem in problems.items():
+            by_problem.setdefault(problem, []).append(name)
+        listed = "\n  - ".join(f"{', '.join(names)}: {problem}" for problem, names in by_problem.items())
+        raise UserError(f"Nothing was started; these strategies cannot run:\n  - {listed}")
+    for name, problem in problems.items():
+        print(f"Leaving out {name}: {problem}", file=sys.stderr)
+    return strategies
+
+
+def new_folder(root: Path) -> Path:
+    """runs/compare/version_<N>, the first N not taken: an earlier comparison is never written into."""
+    root.mkdir(parents=True, exist_ok=True)
+    number = len(list(root.glob("version_*")))
+    while True:
+        folder = root / f"version_{number}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def command(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
+    directory = str(strategy.directory)
+    placement = ["--trainer.default_root_dir", directory]
+    logger = strategy.config.trainer.logger
+    if logger and "save_dir" in (getattr(logger, "init_args", None) or {}):
+        placement += ["--trainer.logger.init_args.save_dir", directory]
+    return [sys.executable, "-m", "mit_lightning", "fit", *fit_args(configs, strategy.overlay, budget, []),
+            "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
+
+
+def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str]) -> Row:
+    """`mit fit ... --test_after_fit true` in a process of its own; its output goes to <run>/fit.log."""
+    strategy.directory.mkdir()
+    log = strategy.directory / "fit.log"
+    print(f"{strategy.name}: training (output in {log}) ...", end=" ", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as output:
+        code = subprocess.run(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT).returncode
+    print(f"{time.perf_counter() - start:.0f} s", flush=True)
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        print(f"{strategy.name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
+        return Row(strategy.name, problem=f"mit fit failed (exit code {code}), see {log}")
+    metrics, cost = find_results(strategy.directory), find_results(strategy.directory, COST_FILE)
+    if metrics is None or cost is None:
+        return Row(strategy.name, metrics or {}, cost or {}, problem=f"no test metrics or training cost under {log.parent}")
+    return Row(strategy.name, metrics, cost)
+
+
+def summary_metrics(strategies: Sequence[Strategy]) -> tuple[str, ...]:
+    module, _, name = strategies[0].config.model.head.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name).summary_metrics
+
+
+def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[str]) -> str:
+    """The table with what it was measured on; written to comparison.md and comparison.csv in `folder`."""
+    memory = next((row.cost["memory_measure"] for row in rows if row.cost.get("memory_measure")), None)
+    notes = [
+        "Step time: median training step (forward, backward, optimizer step; data loading and validation "
+        "excluded). Peak memory: " + {
+            "cuda_max_memory_allocated": "peak GPU memory allocated during training, weights included.",
+            "cpu_peak_rss_rise": "rise of the process's peak resident memory during training (frozen weights, "
+                                 "loaded before, not included; a rough figure).",
+        }.get(memory, "not measured."),
+        f"Runs, logs and checkpoints: {folder}/<strategy>/",
+    ]
+    text = "\n".join([*header, "", markdown(rows, metrics), "", *notes])
+    (folder / "comparison.md").write_text(text + "\n")
+    write_csv(folder / "comparison.csv", rows, metrics)
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mit compare", description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="mit compare [options] [-- any mit fit argument, given to every run]",
+    )
+    parser.add_argument("--config", action="append", default=None,
+                        help=f"the run config every strategy shares (repeat to compose; default {DEFAULT_CONFIG})")
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help=f"strategy names (overlays in --peers, by file stem); default: every one that can run")
+    parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every strategy (default 3)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="also stop every run after this many steps")
+    parser.add_argument("--seed", type=int, default=None, help="seed of every run (default: the config's)")
+    parser.add_argument("--metrics", nargs="+", default=None,
+                        help="test metrics shown (default: the task head's summary metrics)")
+    parser.add_argument("--peers", type=Path, default=Path(PEERS), help=f"the strategy overlays (default {PEERS})")
+    parser.add_argument("--runs", type=Path, default=Path("runs/compare"),
+                        help="each comparison gets a new version_<N> folder here (default runs/compare)")
+    parser.add_argument("--list", action="store_true", help="list the strategies and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    configs = args.config or [DEFAULT_CONFIG]
+    budget = ["--trainer.max_epochs", str(args.epochs)]
+    budget += ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
+    budget += ["--seed_everything", str(args.seed)] if args.seed is not None else []
+    if args.list:
+        print("\n".join(f"{name}  ({path})" for name, path in available_strategies(args.peers).items()))
+        return
+    strategies = plan(args.strategies, args.peers, configs, budget, extra)
+    folder = new_folder(args.runs)
+    print(f"Comparing {', '.join(s.name for s in strategies)} in {folder}", flush=True)
+    rows = []
+    for strategy in strategies:
+        strategy.directory = folder / strategy.name
+        rows.append(run(strategy, configs, budget, extra))
+    seed = strategies[0].config.seed_everything
+    header = [f"## mit compare: {' + '.join(configs)}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+              + (f" (at most {args.max_steps} steps)" if args.max_steps else "") + f", seed {seed}",
+              *([f"Arguments given to every run: {' '.join(extra)}"] if extra else [])]
+    print("\n" + report(folder, rows, args.metrics or summary_metrics(strategies), header))
+    print(f"\nWritten to {folder / 'comparison.md'} and {folder / 'comparison.csv'}")

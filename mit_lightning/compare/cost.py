@@ -1,0 +1,71 @@
+"""What a fit costs: training-step time, peak memory and parameter counts, written beside its logs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from mit_lightning.bench.measure import PeakMemory, synchronize
+
+COST_FILE = "training_cost.json"
+
+
+class TrainingCost(Callback):
+    """Writes `training_cost.json` into the run's log directory when training ends.
+
+    - step_ms: median time from `on_train_batch_start` to `on_train_batch_end` (forward, backward and
+      optimizer step; data loading and validation are not in it), synchronised on a GPU. The first
+      `warmup` steps (allocator and cache warm-up) are left out while later ones exist.
+    - peak_memory_mib: over the training loop, validation included (`bench.measure.PeakMemory`: on
+      a GPU the peak allocated memory, weights included; on a CPU the rise of the peak resident size).
+    - trainable / total parameters of the model.
+
+    Every step waits for the GPU, so add it to measure a run, not to every run.
+
+    Args:
+        warmup: first training steps left out of the median.
+    """
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self._times: list[float] = []
+        self._start = 0.0
+        self._memory: PeakMemory | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._times = []
+        self._memory = PeakMemory(pl_module.device).__enter__()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        synchronize(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        synchronize(pl_module.device)
+        self._times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._memory.__exit__(None, None, None)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / COST_FILE).write_text(json.dumps(self.summary(pl_module), indent=2) + "\n")
+
+    def summary(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        timed = self._times[self.warmup:] if len(self._times) > self.warmup else self._times
+        parameters = list(pl_module.parameters())
+        return {
+            "step_ms": 1000 * statistics.median(timed) if timed else None,
+            "steps_timed": len(timed),
+            "peak_memory_mib": self._memory.mib,
+            "memory_measure": self._memory.measure,
+            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in parameters),
+        }

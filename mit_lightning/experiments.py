@@ -1,0 +1,38 @@
+"""What `reproduce` and `compare` share: checking a run's inputs before it starts, and reading what a
+`mit fit --test_after_fit true` run left in its directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mit_lightning.errors import UserError
+
+RESULTS_FILE = "test_metrics.json"
+
+
+def find_results(directory: Path, name: str = RESULTS_FILE) -> dict | None:
+    """The newest `name` (JSON) written under a run directory, if any."""
+    candidates = sorted(directory.rglob(name), key=lambda path: path.stat().st_mtime)
+    return json.loads(candidates[-1].read_text()) if candidates else None
+
+
+def missing_inputs(config) -> list[str]:
+    """Each component checked on its own, so one run reports every missing path at once."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.cli import instantiate_class
+
+    from mit_lightning.backbones.llm import LLMConfig
+    from mit_lightning.backbones.vision import VisionConfig
+
+    checks = [lambda: LLMConfig(**config.model.llm.as_dict()).hf_config()]
+    if config.model.vision is not None:
+        checks.append(lambda: VisionConfig(**config.model.vision.as_dict()).weights_path())
+    checks.append(lambda: instantiate_class((), Namespace(config.data).as_dict()))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except UserError as error:
+            problems.append(str(error))
+    return problems

@@ -1,0 +1,153 @@
+"""`mit compare`: two strategies trained end to end on a shrunk demo, the table and its files, and the
+checks that run before anything trains."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mit_lightning.cli import cli_main
+from mit_lightning.compare import cli as compare
+from mit_lightning.compare.table import Row, markdown, metric_columns
+from mit_lightning.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO / "configs" / "peers"
+
+
+def shrunk_demo(tmp_path: Path) -> list[str]:
+    """`mit fit` arguments that shrink the demo to seconds."""
+    return ["--data.root", str(tmp_path / "data"), "--data.train_images", "4", "--data.val_images", "1",
+            "--data.test_images", "2", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def in_repository(monkeypatch):
+    """Strategies and the demo config are named relative to the repository root, where `make` runs."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        cli_main(["compare", "--strategies", "mit", "late_addition", "--epochs", "1", "--max-steps", "3",
+                  "--runs", str(tmp_path / "runs"), "--", *shrunk_demo(tmp_path)])
+    return tmp_path / "runs" / "version_0"
+
+
+def test_every_strategy_trains_and_the_table_is_written_as_markdown_and_csv(comparison: Path, capsys):
+    table = (comparison / "comparison.md").read_text()
+    assert "| strategy | oIoU | mIoU | trainable parameters | step time (ms) | peak memory (MiB) |" in table
+    with open(comparison / "comparison.csv") as file:
+        rows = {row["strategy"]: row for row in csv.DictReader(file)}
+    assert list(rows) == ["mit", "late_addition"]
+    for name, row in rows.items():
+        assert row["problem"] == "" and 0 <= float(row["test/test/oIoU"]) <= 1
+        assert float(row["step_ms"]) > 0 and int(row["steps_timed"]) >= 1
+        # the count is what the run trained: a checkpoint holds exactly the trainable weights
+        checkpoint = next((comparison / name).rglob("last.ckpt"))
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        assert int(row["trainable_parameters"]) == sum(tensor.numel() for tensor in saved.values())
+        assert f"| {name} | " in table
+    assert rows["mit"]["trainable_parameters"] != rows["late_addition"]["trainable_parameters"]
+
+
+def test_each_strategy_ran_the_same_config_but_its_own_fusion(comparison: Path):
+    import yaml
+
+    configs = {name: yaml.safe_load(next((comparison / name).rglob("config.yaml")).read_text())
+               for name in ("mit", "late_addition")}
+    fusions = {name: config["model"].pop("fusion")["class_path"] for name, config in configs.items()}
+    assert fusions == {"mit": "mit_lightning.fusion.MiT", "late_addition": "mit_lightning.fusion.LateAddition"}
+    for config in configs.values():
+        config["trainer"].pop("default_root_dir")
+        config["trainer"]["logger"]["init_args"].pop("save_dir")
+    assert configs["mit"] == configs["late_addition"]  # same data, seed, budget, head and optimizer
+    assert configs["mit"]["seed_everything"] == 0 and configs["mit"]["trainer"]["max_steps"] == 3
+
+
+def test_a_new_comparison_gets_a_new_folder(tmp_path: Path):
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_0" / "comparison.md").write_text("earlier")
+    assert compare.new_folder(tmp_path) == tmp_path / "version_1"
+    assert compare.new_folder(tmp_path) == tmp_path / "version_2"
+    assert (tmp_path / "version_0" / "comparison.md").read_text() == "earlier"
+
+
+# --- before anything trains ---------------------------------------------------------------------------
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a run was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+
+
+def test_every_overlay_is_a_strategy_named_by_its_file():
+    strategies = compare.available_strategies(PEERS)
+    assert list(strategies)[0] == "mit"
+    assert {"mit", "concat", "text_only", "late_addition"} <= set(strategies)
+    assert all(path == PEERS / f"{name}.yaml" for name, path in strategies.items())
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in PEERS.glob("*.yaml")))
+def test_every_strategy_parses_on_the_demo(name: str):
+    config = compare.check(name, PEERS / f"{name}.yaml", ["configs/demo.yaml"], [], []).config
+    assert config.model.fusion.class_path.startswith("mit_lightning.fusion.")
+
+
+@pytest.fixture
+def peers_with_a_broken_one(tmp_path: Path) -> Path:
+    shutil.copy(PEERS / "mit.yaml", tmp_path / "mit.yaml")
+    (tmp_path / "broken.yaml").write_text("model:\n  fusion:\n    class_path: mit_lightning.fusion.NoSuchFusion\n")
+    return tmp_path
+
+
+def test_by_default_a_strategy_that_cannot_run_is_left_out_with_its_reason(peers_with_a_broken_one, capsys):
+    strategies = compare.plan(None, peers_with_a_broken_one, ["configs/demo.yaml"], [], [])
+    assert [strategy.name for strategy in strategies] == ["mit"]
+    note = capsys.readouterr().err
+    assert note.startswith("Leaving out broken: ") and "NoSuchFusion" in note
+
+
+def test_a_named_strategy_that_cannot_run_stops_everything(peers_with_a_broken_one, tmp_path, no_training):
+    with pytest.raises(UserError, match=r"(?s)Nothing was started.*broken: .*NoSuchFusion"):
+        compare.main(["--strategies", "mit", "broken", "--peers", str(peers_with_a_broken_one),
+                      "--runs", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_strategy_names_the_available_ones(tmp_path, no_training):
+    with pytest.raises(UserError, match=r"Unknown strategies \['pil'\].*mit, concat"):
+        compare.main(["--strategies", "pil", "--runs", str(tmp_path / "runs")])
+
+
+def test_missing_data_is_named_before_anything_trains(tmp_path, monkeypatch, no_training):
+    monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "nodata"))
+    with pytest.raises(UserError, match="nodata"):
+        compare.main(["--config", "configs/food101.yaml", "--strategies", "text_only", "--runs", str(tmp_path / "r"),
+                      "--", "--model.llm.path", "tiny"])
+
+
+# --- the table --------------------------------------------------------------------------------------
+def test_metrics_get_a_column_per_test_split_and_a_failed_run_a_note():
+    rows = [
+        Row("mit", {"test/testA/oIoU": 0.5, "test/testB/oIoU": 0.25, "test/testA/loss": 1.0},
+            {"trainable_parameters": 1234567, "step_ms": 12.345, "peak_memory_mib": 100.4}),
+        Row("concat", problem="mit fit failed (exit code 1), see x/fit.log"),
+    ]
+    assert metric_columns(rows, ["oIoU"]) == [("oIoU testA", "test/testA/oIoU"), ("oIoU testB", "test/testB/oIoU")]
+    lines = markdown(rows, ["oIoU"]).splitlines()
+    assert lines[0] == "| strategy | oIoU testA | oIoU testB | trainable parameters | step time (ms) | peak memory (MiB) |"
+    assert lines[2] == "| mit | 0.5000 | 0.2500 | 1,234,567 | 12.3 | 100 |"
+    assert lines[3] == "| concat | — | — | — | — | — |"
+    assert lines[-1] == "- concat: mit fit failed (exit code 1), see x/fit.log"
