@@ -35,7 +35,7 @@ from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
-from mit_lightning.module import DEFAULT_OPTIMIZER, MiTModule
+from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
     checkpoint_folders,
@@ -172,10 +172,7 @@ class MiTCLI(LightningCLI):
         parser.set_defaults(
             {
                 "model.optimizer": DEFAULT_OPTIMIZER,
-                "model.lr_scheduler": {
-                    "class_path": "torch.optim.lr_scheduler.StepLR",
-                    "init_args": {"step_size": 10, "gamma": 0.1},
-                },
+                "model.lr_scheduler": DEFAULT_LR_SCHEDULER,
             }
         )
         if any(getattr(action, "dest", None) == "weights_only" for action in parser._actions):

@@ -74,6 +74,8 @@ STAGE_PREFIX = {"validate": "val", "test": "test"}
 PREDICTION_PASSTHROUGH = ("index", "ref_id", "sent_id", "id", "image_path", "sentence", "text", "prompt", "label")
 #: the paper's optimizer (Adam, lr 4e-5); fused: one pass over the trainable weights per step, not one per operation
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 4e-5, "fused": True}}
+#: the paper's schedule: the learning rate ×0.1 every 10 epochs
+DEFAULT_LR_SCHEDULER = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 10, "gamma": 0.1}}
 
 
 class MiTModule(L.LightningModule):
@@ -137,7 +139,9 @@ class MiTModule(L.LightningModule):
         self.head_factory = head
         # partials, not lambdas: a copy or pickle of the module (EMA, spawn) keeps working
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, **DEFAULT_OPTIMIZER["init_args"])
-        self.lr_scheduler_factory = lr_scheduler or partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.1)
+        self.lr_scheduler_factory = lr_scheduler or partial(
+            torch.optim.lr_scheduler.StepLR, **DEFAULT_LR_SCHEDULER["init_args"]
+        )
         # sizes from config files only: a missing weights path or a bad layer index fails here, at once
         self.llm_shape = LLMShape.from_hf_config(llm.hf_config())
         self.vision_shape = VisionShape.from_architecture(vision.architecture()) if vision else None

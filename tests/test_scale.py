@@ -37,7 +37,7 @@ from mit_lightning.metrics.segmentation import OverallIoU
 from mit_lightning.module import MiTModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TASK_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+TASK_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if path.name not in ("refcoco+.yaml", "refcocog.yaml"))
 DDP, FSDP = CONFIGS / "trainer" / "ddp_2gpu_bf16.yaml", CONFIGS / "trainer" / "fsdp.yaml"
 CPU = torch.device("cpu")
 TINY = scales.SCALES["tiny"]
