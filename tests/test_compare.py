@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mit_lightning.cli import cli_main
 from mit_lightning.compare import cli as compare
@@ -62,8 +63,6 @@ def test_every_strategy_trains_and_the_table_is_written_as_markdown_and_csv(comp
 
 
 def test_each_strategy_ran_the_same_config_but_its_own_fusion(comparison: Path):
-    import yaml
-
     configs = {name: yaml.safe_load(next((comparison / name).rglob("config.yaml")).read_text())
                for name in ("mit", "late_addition")}
     fusions = {name: config["model"].pop("fusion")["class_path"] for name, config in configs.items()}
@@ -71,6 +70,7 @@ def test_each_strategy_ran_the_same_config_but_its_own_fusion(comparison: Path):
     for config in configs.values():
         config["trainer"].pop("default_root_dir")
         config["trainer"]["logger"]["init_args"].pop("save_dir")
+        config["trainer"]["logger"]["init_args"].pop("name")  # each overlay logs under its own name
     assert configs["mit"] == configs["late_addition"]  # same data, seed, budget, head and optimizer
     assert configs["mit"]["seed_everything"] == 0 and configs["mit"]["trainer"]["max_steps"] == 3
 
@@ -136,6 +136,30 @@ def test_missing_data_is_named_before_anything_trains(tmp_path, monkeypatch, no_
     with pytest.raises(UserError, match="nodata"):
         compare.main(["--config", "configs/food101.yaml", "--strategies", "text_only", "--runs", str(tmp_path / "r"),
                       "--", "--model.llm.path", "tiny"])
+
+
+def test_a_strategy_that_starts_from_another_runs_after_it(no_training):
+    strategies = compare.plan(["pill_stage2", "mit", "pill_stage1"], PEERS, ["configs/demo.yaml"], [], [])
+    assert [(strategy.name, strategy.starts_from) for strategy in strategies] == [
+        ("mit", None), ("pill_stage1", None), ("pill_stage2", "pill_stage1")]
+
+
+def test_a_strategy_named_without_its_start_stops_everything(tmp_path, no_training):
+    with pytest.raises(UserError, match=r"pill_stage2: it starts from the weights pill_stage1 trains; add pill_stage1"):
+        compare.main(["--strategies", "mit", "pill_stage2", "--runs", str(tmp_path / "runs")])
+
+
+@pytest.mark.slow
+def test_pill_stage2_trains_from_the_checkpoint_stage1_left(tmp_path):
+    cli_main(["compare", "--strategies", "pill_stage1", "pill_stage2", "--epochs", "1", "--max-steps", "2",
+              "--runs", str(tmp_path / "runs"), "--", *shrunk_demo(tmp_path)])
+    folder = tmp_path / "runs" / "version_0"
+    with open(folder / "comparison.csv") as file:
+        rows = {row["strategy"]: row for row in csv.DictReader(file)}
+    assert [rows[name]["problem"] for name in ("pill_stage1", "pill_stage2")] == ["", ""]
+    stage2 = yaml.safe_load(next((folder / "pill_stage2").rglob("config.yaml")).read_text())
+    assert Path(stage2["model"]["init_weights"]) == next((folder / "pill_stage1").rglob("last.ckpt"))
+    assert "pill_stage2 starts from the weights pill_stage1 trained" in (folder / "comparison.md").read_text()
 
 
 # --- the table --------------------------------------------------------------------------------------

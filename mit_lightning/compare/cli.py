@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ from mit_lightning.experiments import find_results, missing_inputs
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
 COST_CALLBACK = "mit_lightning.compare.TrainingCost"
+#: `model.init_weights: ${MIT_<STRATEGY>_CKPT}` in an overlay: it starts from that strategy's trained weights
+#: (PILL stage 2 from stage 1); compare runs that strategy first and hands its last checkpoint over
+STARTS_FROM = re.compile(r"^\$\{MIT_(?P<name>[A-Z0-9_]+)_CKPT\}$")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Strategy:
     overlay: Path
     config: Any  # the parsed run config (jsonargparse Namespace)
     directory: Path | None = None
+    starts_from: str | None = None  # the strategy whose trained weights this one starts from
+    start_checkpoint: Path | None = None  # that strategy's last checkpoint, once it has trained
 
 
 def available_strategies(folder: Path) -> dict[str, Path]:
@@ -62,7 +68,15 @@ def fit_args(configs: Sequence[str], overlay: Path, budget: list[str], extra: li
     return [*(arg for config in configs for arg in ("--config", config)), "--config", str(overlay), *budget, *extra]
 
 
-def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str]) -> Strategy:
+def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
+    """The strategy named by `model.init_weights: ${MIT_<STRATEGY>_CKPT}`, when it is one of `strategies`."""
+    match = STARTS_FROM.match(str(config.model.init_weights or ""))
+    name = match.group("name").lower() if match else None
+    return name if name in strategies else None
+
+
+def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str],
+          strategies: Sequence[str] = ()) -> Strategy:
     """Parse the strategy's config and check its weights and data paths; nothing is loaded."""
     config = _parse(fit_args(configs, overlay, budget, extra))
     logger = config.trainer.logger
@@ -72,7 +86,7 @@ def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], e
     problems = missing_inputs(config)
     if problems:
         raise UserError(" ".join(problems))
-    return Strategy(name, overlay, config)
+    return Strategy(name, overlay, config, starts_from=starts_from(config, strategies))
 
 
 def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], budget: list[str],
@@ -86,9 +100,15 @@ def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], bud
     strategies, problems = [], {}
     for name in chosen or overlays:
         try:
-            strategies.append(check(name, overlays[name], configs, budget, extra))
+            strategies.append(check(name, overlays[name], configs, budget, extra, list(overlays)))
         except UserError as error:
             problems[name] = str(error)
+    planned = {strategy.name for strategy in strategies}
+    for strategy in strategies:
+        if strategy.starts_from and strategy.starts_from not in planned:
+            problems[strategy.name] = (f"it starts from the weights {strategy.starts_from} trains; add "
+                                       f"{strategy.starts_from} to --strategies")
+    strategies = [strategy for strategy in strategies if strategy.name not in problems]
     if problems and (chosen or not strategies):
         by_problem: dict[str, list[str]] = {}
         for name, problem in problems.items():
@@ -97,7 +117,7 @@ def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], bud
         raise UserError(f"Nothing was started; these strategies cannot run:\n  - {listed}")
     for name, problem in problems.items():
         print(f"Leaving out {name}: {problem}", file=sys.stderr)
-    return strategies
+    return sorted(strategies, key=lambda strategy: strategy.starts_from is not None)  # a start before what uses it
 
 
 def new_folder(root: Path) -> Path:
@@ -119,6 +139,8 @@ def command(strategy: Strategy, configs: Sequence[str], budget: list[str], extra
     logger = strategy.config.trainer.logger
     if logger and "save_dir" in (getattr(logger, "init_args", None) or {}):
         placement += ["--trainer.logger.init_args.save_dir", directory]
+    if strategy.start_checkpoint is not None:
+        placement += ["--model.init_weights", str(strategy.start_checkpoint)]
     return [sys.executable, "-m", "mit_lightning", "fit", *fit_args(configs, strategy.overlay, budget, []),
             "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
 
@@ -203,10 +225,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for strategy in strategies:
         strategy.directory = folder / strategy.name
+        if strategy.starts_from:
+            strategy.start_checkpoint = next((folder / strategy.starts_from).rglob("last.ckpt"), None)
+            if strategy.start_checkpoint is None:
+                rows.append(Row(strategy.name, problem=f"it starts from {strategy.starts_from}'s weights, and "
+                                                        f"{strategy.starts_from} left no checkpoint"))
+                continue
         rows.append(run(strategy, configs, budget, extra))
     seed = strategies[0].config.seed_everything
     header = [f"## mit compare: {' + '.join(configs)}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}"
               + (f" (at most {args.max_steps} steps)" if args.max_steps else "") + f", seed {seed}",
-              *([f"Arguments given to every run: {' '.join(extra)}"] if extra else [])]
+              *([f"Arguments given to every run: {' '.join(extra)}"] if extra else []),
+              *(f"{s.name} starts from the weights {s.starts_from} trained; its budget comes on top of that one's."
+                for s in strategies if s.starts_from)]
     print("\n" + report(folder, rows, args.metrics or summary_metrics(strategies), header))
     print(f"\nWritten to {folder / 'comparison.md'} and {folder / 'comparison.csv'}")
