@@ -7,6 +7,7 @@ field instead of printing a wrong table.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -62,8 +63,9 @@ class Table:
 
     def __post_init__(self) -> None:
         labels = {column.label for column in self.columns}
-        unknown = [label for experiment in self.experiments for label in experiment.columns if label not in labels]
-        unknown += [label for values in self.paper.values() for label in values if label not in labels]
+        cells = [label for experiment in self.experiments for label in experiment.columns]
+        cells += [label for values in self.paper.values() for label in values]
+        unknown = [label for label in dict.fromkeys(cells) if label not in labels]
         if unknown:
             raise ValueError(f"cells for columns the table does not have: {unknown} (its columns: {sorted(labels)})")
 
@@ -82,26 +84,25 @@ def load_tables(path: Path) -> dict[str, Table]:
     """Every table of a tables file (the format is described at the top of `paper_tables.yaml`)."""
     try:
         text = path.read_text(encoding="utf-8")
-        _refuse_repeated_keys(yaml.compose(text), path)
+        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
         document = yaml.safe_load(text)
     except OSError as error:
-        raise UserError(f"Cannot read the tables file '{path}': {error.strerror}. Reinstall mit-lightning.") from None
+        raise UserError(f"Cannot read the tables file '{path}': {error.strerror}. The paper's tables come with "
+                        "mit-lightning (mit_lightning/paper_tables.yaml); reinstall it if that file is gone.") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        raise UserError(f"'{path}'{line} is not valid YAML: {getattr(error, 'problem', None) or error}.") from None
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"'{path}' is not valid YAML{line}: {getattr(error, 'problem', None) or error}.") from None
     reader = _Reader(path)
-    top = reader.mapping(document, "the file", required=("experiments", "tables"))
-    experiments = {
-        name: reader.experiment(spec, f"experiments.{name}")
-        for name, spec in reader.mapping(top["experiments"], "experiments").items()
-    }
+    top = reader.mapping(document, "top level", required=("experiments", "tables"))
+    experiments = {name: reader.experiment(name, spec)
+                   for name, spec in reader.mapping(top["experiments"], "experiments").items()}
     tables = {name: reader.table(spec, f"tables.{name}", experiments)
               for name, spec in reader.mapping(top["tables"], "tables").items()}
     used = {experiment.name for table in tables.values() for experiment in table.experiments}
     unused = sorted(set(experiments) - used)
     if unused:
-        raise reader.error("experiments", f"{', '.join(unused)} in no table; list them in a table or remove them")
+        raise reader.error("experiments", f"no table lists {', '.join(unused)}; add each to a table or remove it")
     return tables
 
 
@@ -136,7 +137,7 @@ class _Reader:
     def mapping(self, value: Any, where: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
         """A mapping with text keys; with `required`, all of those and any of `optional`, nothing else."""
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-            raise self.error(where, f"expected a mapping with text keys, got {value!r}")
+            raise self.error(where, f"expected a mapping with text keys, got {reprlib.repr(value)}")
         if required:
             missing = [key for key in required if key not in value]
             unknown = [key for key in value if key not in (*required, *optional)]
@@ -149,7 +150,7 @@ class _Reader:
 
     def text(self, value: Any, where: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise self.error(where, f"expected text, got {value!r}")
+            raise self.error(where, f"expected text, got {reprlib.repr(value)}")
         return value
 
     def texts(self, value: Any, where: str) -> tuple[str, ...]:
@@ -157,19 +158,20 @@ class _Reader:
 
     def sequence(self, value: Any, where: str) -> list:
         if not isinstance(value, list) or not value:
-            raise self.error(where, f"expected a non-empty list, got {value!r}")
+            raise self.error(where, f"expected a non-empty list, got {reprlib.repr(value)}")
         return value
 
     def number(self, value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(where, f"expected a number, got {value!r}")
+            raise self.error(where, f"expected a number, got {reprlib.repr(value)}")
         return float(value)
 
-    def experiment(self, spec: Any, where: str) -> Experiment:
+    def experiment(self, name: str, spec: Any) -> Experiment:
+        where = f"experiments.{name}"
         spec = self.mapping(spec, where, required=("configs", "columns"))
         cells = self.mapping(spec["columns"], f"{where}.columns")
         return Experiment(
-            name=where.rsplit(".", 1)[1],
+            name=name,
             configs=self.texts(spec["configs"], f"{where}.configs"),
             columns={label: self.text(metric, f"{where}.columns.{label}") for label, metric in cells.items()},
         )
@@ -178,7 +180,7 @@ class _Reader:
         spec = self.mapping(spec, where, required=("label",), optional=("scale", "decimals"))
         decimals = spec.get("decimals", Column.decimals)
         if isinstance(decimals, bool) or not isinstance(decimals, int) or decimals < 0:
-            raise self.error(f"{where}.decimals", f"expected a whole number ≥ 0, got {decimals!r}")
+            raise self.error(f"{where}.decimals", f"expected a whole number ≥ 0, got {reprlib.repr(decimals)}")
         return Column(self.text(spec["label"], f"{where}.label"),
                       self.number(spec.get("scale", Column.scale), f"{where}.scale"), decimals)
 
@@ -219,7 +221,7 @@ class _Reader:
             row_where = f"{where}.rows.{method}"
             if not isinstance(values, list) or len(values) != len(columns):
                 raise self.error(row_where, f"expected {len(columns)} numbers (one per paper column: "
-                                            f"{', '.join(columns)}), got {values!r}")
+                                            f"{', '.join(columns)}), got {reprlib.repr(values)}")
             paper[method] = {column: self.number(value, f"{row_where}[{index}]")
                              for index, (column, value) in enumerate(zip(columns, values))}
         return paper
