@@ -1,10 +1,12 @@
-"""`python -m mit_lightning.reproduce`: table layout, result discovery and the preflight — nothing trains."""
+"""`python -m mit_lightning.reproduce`: the tables file, table layout, result discovery and the preflight — nothing
+trains."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,8 +16,12 @@ from classification_fixtures import write_food101, write_snli_ve
 from mit_lightning import reproduce
 from mit_lightning.cli import parse_run_config
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
-from mit_lightning.reproduce import TABLES, Column, Experiment, Table, find_results, format_table
+from mit_lightning.errors import UserError
+from mit_lightning.paper_tables import PAPER_TABLES, Experiment, load_tables, paper_tables
+from mit_lightning.reproduce import find_results, format_table
 from mmsa_fixtures import write_mmsa
+
+TABLES = paper_tables()
 
 REPO = Path(__file__).resolve().parents[1]
 #: the metric names each head logs (test/<split>/<name>)
@@ -48,6 +54,112 @@ def no_training(monkeypatch):
         raise AssertionError(f"a run was started: {args}")
 
     monkeypatch.setattr(subprocess, "run", refuse)
+
+
+# --- the tables file -------------------------------------------------------------------------------
+def test_the_shipped_file_holds_the_papers_numbers_and_the_runs_behind_our_rows():
+    assert list(TABLES) == [f"table{n}" for n in range(1, 7)]
+    runs = {name: [(e.name, e.configs, e.row) for e in table.experiments] for name, table in TABLES.items()}
+    assert runs["table1"] == [("refcoco", ("configs/refcoco.yaml",), None),
+                              ("refcoco+", ("configs/refcoco.yaml", "configs/refcoco+.yaml"), None),
+                              ("refcocog", ("configs/refcoco.yaml", "configs/refcocog.yaml"), None)]
+    assert runs["table2"] == [("food101", ("configs/food101.yaml",), None), ("snli_ve", ("configs/snli_ve.yaml",), None)]
+    assert runs["table3"] == [("mosi", ("configs/mosi.yaml",), "MOSI — MiT (ours)"),
+                              ("mosei", ("configs/mosei.yaml",), "MOSEI — MiT (ours)")]
+    assert [name for name, _, _ in runs["table4"]] == [
+        "refcoco_no_infusion", "refcoco_ffn_only", "refcoco_no_ffn", "refcoco_no_rescale", "refcoco",
+        "refcoco_clip_b16_224", "refcoco_clip_l14_224", "refcoco_task_token"]
+    for name, configs, _ in runs["table4"] + runs["table5"] + runs["table6"]:
+        base = "configs/mosi.yaml" if name.startswith("mosi") else "configs/refcoco.yaml"
+        assert configs == ((base,) if name == "refcoco" else (base, f"configs/ablations/{name}.yaml")), name
+    table1 = TABLES["table1"]
+    assert list(table1.paper) == ["LAVT", "LISA (LLaMA2-13B)", "PixelLM (LLaMA2-13B)", "MiT (paper, LLaMA2-7B)"]
+    assert table1.paper["LAVT"] == dict(zip([column.label for column in table1.columns],
+                                            [72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2, 62.1]))
+    assert TABLES["table2"].paper == {"MMBT": {"UPMC-Food101 Acc": 92.10, "SNLI-VE Acc": 74.69},
+                                      "MiT (paper, LLaMA2-7B)": {"UPMC-Food101 Acc": 93.88, "SNLI-VE Acc": 74.71}}
+    assert TABLES["table6"].paper["T+A (paper)"] == {"Acc-2": 85.2, "F1": 85.0, "MAE": 0.670, "Corr": 0.832,
+                                                    "Acc-7": 47.2}
+    columns = {column.label: (column.scale, column.decimals) for column in TABLES["table6"].columns}
+    assert columns["MAE"] == columns["Corr"] == (1.0, 3) and columns["Acc-7"] == (100.0, 1)
+    assert TABLES["table3"].notes == TABLES["table6"].notes[:2] and "has0 = every clip" in TABLES["table3"].notes[0]
+
+
+def test_a_tables_file_of_ones_own_prints_like_the_shipped_ones(tmp_path: Path):
+    path = tmp_path / "tables.yaml"
+    path.write_text(textwrap.dedent("""\
+        experiments:
+          run: {configs: [a.yaml, b.yaml], columns: {Acc: test/test/accuracy, Loss: test/test/loss}}
+        tables:
+          mine:
+            title: Mine
+            columns: [{label: Acc}, {label: Loss, scale: 1, decimals: 3}]
+            experiments: [{name: run}]
+            ours_label: ours
+            paper: {columns: [Acc], rows: {theirs: [91]}}
+        """), encoding="utf-8")
+    table = load_tables(path)["mine"]
+    assert table.experiments[0].config_args() == ["--config", "a.yaml", "--config", "b.yaml"]
+    rows = rows_of(format_table(table, {"run": {"test/test/accuracy": 0.9, "test/test/loss": 0.12345}}))
+    assert rows == {"theirs": ["91.0", "—"], "ours": ["90.0", "0.123"]}
+
+
+SHIPPED = PAPER_TABLES.read_text(encoding="utf-8")
+#: an edit of the shipped file → what the error must say
+MALFORMED = {
+    "decimals as text": (("{label: SNLI-VE Acc, decimals: 2}", "{label: SNLI-VE Acc, decimals: two}"),
+                         "tables.table2.columns[1].decimals: expected a whole number ≥ 0, got 'two'"),
+    "a paper row one number short": (("LAVT: [72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2, 62.1]",
+                                      "LAVT: [72.7, 75.8, 68.8, 62.1, 68.4, 55.1, 61.2]"),
+                                     "tables.table1.paper.rows.LAVT: expected 8 numbers"),
+    "a paper value as text": (("MMBT: [92.10, 74.69]", "MMBT: [92.10, n/a]"),
+                              "tables.table2.paper.rows.MMBT[1]: expected a number, got 'n/a'"),
+    "a misspelt experiment": (("- {name: refcoco_no_ffn, row:", "- {name: refcoco_no_fnn, row:"),
+                              "tables.table4.experiments[2].name: no experiment 'refcoco_no_fnn'"),
+    "a cell for a column the table lacks": (("      F1 has0: test/test/F1_has0", "      F1 zero: test/test/F1_has0"),
+                                            "tables.table3: cells for columns the table does not have: ['F1 zero'] (its columns: ['Acc-2',"),
+    "a misspelt field": (("    notes:\n      - The paper's Table 2", "    note:\n      - The paper's Table 2"),
+                         "tables.table2: unknown note (fields: title, columns, experiments, paper, ours_label "
+                         "(optional), notes (optional))"),
+    "a missing field": (("  table5:\n    title: Table 5 — infused layers (1-based) on RefCOCO, oIoU (%)\n", "  table5:\n"),
+                        "tables.table5: missing title"),
+    "a paper row given twice": (("        T+A (paper):", "        T+F (paper):"), "T+F (paper) given twice"),
+    "an experiment in no table": (("\nexperiments:\n", "\nexperiments:\n  spare: {configs: [a.yaml], columns: {}}\n"),
+                                  "experiments: no table lists spare"),
+    "not YAML": (("  table2:\n", "  table2: [\n"), "is not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_tables_file_is_refused_naming_the_table_and_field(case: str, tmp_path: Path):
+    (old, new), expected = MALFORMED[case]
+    assert old in SHIPPED
+    path = tmp_path / "tables.yaml"
+    path.write_text(SHIPPED.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        load_tables(path)
+    assert expected in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_tables_file_cannot_run_code(tmp_path: Path):
+    made = tmp_path / "made"
+    path = tmp_path / "tables.yaml"
+    path.write_text(f"experiments: !!python/object/apply:os.mkdir ['{made}']\ntables: {{}}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_tables(path)
+    assert not made.exists()
+
+
+def test_main_reports_a_broken_tables_file_in_one_line(tmp_path: Path, monkeypatch, capsys, no_training):
+    path = tmp_path / "tables.yaml"
+    path.write_text("tables: {}\n", encoding="utf-8")
+    monkeypatch.setattr(reproduce, "paper_tables", lambda: load_tables(path))
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["table1"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "top level: missing experiments" in error and "Traceback" not in error
 
 
 # --- what each table reads -------------------------------------------------------------------------
@@ -122,11 +234,6 @@ def test_table5_rows_follow_the_papers_layer_lists():
     assert [method for method in rows if method.endswith("(ours)")] == [
         "1,9,17,25,32 (ours)", "9,17,25,32 (ours)", "21,25,29,32 (ours)", "17,21,25,29,32 (ours)",
         "13,17,21,25,29,32 (ours)"]
-
-
-def test_a_table_refuses_cells_for_columns_it_does_not_have():
-    with pytest.raises(ValueError, match="Acc-3"):
-        Table("t", (Column("Acc"),), (Experiment("e", ("c.yaml",), {"Acc-3": "test/test/x"}),), paper={})
 
 
 # --- formatting ------------------------------------------------------------------------------------
