@@ -9,10 +9,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any, get_args
 
 
 class UserError(Exception):
     """Bad input, missing data or missing weights: the message tells the user what to do."""
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Refuse a value outside a `Literal` type at construction.
+
+    The CLI parser checks `Literal` arguments itself; this does the same for Python callers, for
+    whom a value outside the type would otherwise pick a branch silently or fail deep in a forward.
+    """
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}.")
 
 
 def user_error_in(error: BaseException | None) -> UserError | None:

@@ -27,7 +27,7 @@ from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
 from mit_lightning.data.base import DataSpec
 from mit_lightning.checkpoints import load_weights_file
-from mit_lightning.errors import UserError, expand_env
+from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
 from mit_lightning.heads.base import TaskHead
@@ -68,6 +68,8 @@ class SequenceEncoderConfig:
     dropout: float = 0.1
 
 
+#: where the text feature is read: the prompt's last token (the paper) or a trained task token
+TextFeature = Literal["last_token", "task_token"]
 STAGE_PREFIX = {"validate": "val", "test": "test"}
 #: batch keys every prediction row carries, to join it back to its dataset: ids, the text the model read, the
 #: true label where the data has one (segmentation's ground truth is the mask, summarised by the row's IoU)
@@ -111,7 +113,7 @@ class MiTModule(L.LightningModule):
         llm: LLMConfig = LLMConfig(),
         vision: VisionConfig | None = None,
         fusion: Callable[[ModelDims], Fusion] = MiT,
-        text_feature: Literal["last_token", "task_token"] = "last_token",
+        text_feature: TextFeature = "last_token",
         sequence_modalities: list[str] | None = None,
         sequence_encoder: SequenceEncoderConfig = SequenceEncoderConfig(),
         optimizer: OptimizerCallable | None = None,
@@ -121,6 +123,7 @@ class MiTModule(L.LightningModule):
         head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        check_choice("model.text_feature", text_feature, TextFeature)
         self.init_weights = init_weights
         if not head_lr_scale > 0:
             raise UserError(

@@ -16,7 +16,7 @@ import sys
 import tracemalloc
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ from mit_lightning.data.refer import PAPER_TEMPLATE, RefCOCODataModule
 from mit_lightning.data.snli_ve import SNLIVEDataModule
 from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import ModelDims
-from mit_lightning.heads.segmentation import LOSSES, ReferringSegmentation
+from mit_lightning.heads.segmentation import Loss, ReferringSegmentation
 from mit_lightning.safe_pickle import UnsafePickleError, load_data_pickle
 from mmsa_fixtures import make_mmsa, write_pickle
 from refer_fixtures import IMAGES, ReferFixture, image_file_name, refs_records, write_refer_fixture
@@ -207,7 +207,7 @@ def test_the_training_role_keeps_square_masks_when_evaluation_uses_original_size
     assert {tuple(item["mask"].shape) for item in served(data.datasets["val"])} == {(32, 48)}
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", get_args(Loss))
 def test_segmentation_loss_on_masks_of_different_sizes_is_the_mean_of_per_sample_losses(loss):
     torch.manual_seed(0)
     shape = LLMShape(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, intermediate_size=16)

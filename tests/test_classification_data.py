@@ -197,7 +197,7 @@ def test_food101_missing_files_are_each_named(food: Fixture) -> None:
 def test_missing_root_unknown_split_and_bad_template_are_user_errors(food: Fixture, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found.*data/README.md"):
         Food101DataModule(root=str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match="Unknown UPMC-Food101 split 'dev'"):
+    with pytest.raises(UserError, match="UPMC-Food101 split must be one of train, val, test; got 'dev'"):
         food_module(food, val_splits=("dev",))
     with pytest.raises(UserError, match=r"must contain \{text\}"):
         food_module(food, prompt_template="Classify the food. #Classification:")

@@ -9,13 +9,22 @@ GPUs are parsed only.
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from classification_fixtures import write_food101, write_snli_ve
 from cli_helpers import fails_at_once
-from mit_lightning.cli import MiTCLI, parse_run_config
+from mit_lightning.backbones.llm import LLMShape, torch_dtype
+from mit_lightning.cli import MiTCLI, main, parse_run_config
+from mit_lightning.data.mmsa import MMSADataModule
+from mit_lightning.data.refer import RefCOCODataModule
+from mit_lightning.errors import UserError
+from mit_lightning.fusion import PILL, MiT, ModeX, ModelDims
+from mit_lightning.heads import ReferringSegmentation
+from mit_lightning.module import MiTModule
 from mmsa_fixtures import write_mmsa
 from refer_fixtures import write_refer_fixture
 
@@ -27,6 +36,10 @@ OVERLAYS = sorted([*DATASET_OVERLAYS, *(str(path.relative_to(CONFIGS)) for path 
 #: the base an overlay is written for, by its folder and the start of its name
 OVERLAY_BASES = {("ablations", "refcoco_"): "refcoco.yaml", ("ablations", "release_"): "refcoco.yaml",
                  ("ablations", "mosi_"): "mosi.yaml", ("peers", ""): "demo.yaml", ("trainer", ""): "demo.yaml"}
+TINY_DIMS = ModelDims(
+    llm=LLMShape(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, intermediate_size=16),
+    vectors={"image": 8}, vision_width=8, vision_depth=2, vision_grid=2, vision_patch=4,
+)
 #: overlays that ask for hardware this machine may not have: parsed, not instantiated
 PARSE_ONLY = ("trainer/",)
 
@@ -83,13 +96,76 @@ def test_every_overlay_builds_on_its_base(environment, monkeypatch, tmp_path, ov
     assert cli.model is not None and cli.datamodule is not None
 
 
-@pytest.mark.parametrize("option, value, choices", [
-    ("--model.llm.dtype", "float64", "bfloat16, float16, float32"),
-    ("--model.llm.padding_side", "middle", "left, right"),
-    ("--data.dataset", "refclef2", "refcoco, refcoco+, refcocog, refclef"),
-    ("--data.train_sentences", "some", "one_per_ref, all"),
+#: (configs, option, a value outside its type, the choices the parser must name, as the type spells them)
+OUTSIDE_ITS_TYPE = [
+    (("refcoco.yaml",), "--model.llm.dtype", "float64", "'bfloat16', 'float16', 'float32'"),
+    (("refcoco.yaml",), "--model.llm.padding_side", "middle", "'left', 'right'"),
+    (("refcoco.yaml",), "--model.text_feature", "first_token", "'last_token', 'task_token'"),
+    (("refcoco.yaml",), "--model.fusion.init_args.form", "gate", "'gated', 'paper', 'release'"),
+    (("refcoco.yaml",), "--model.fusion.init_args.init", "zero", "'identity', 'default'"),
+    (("refcoco.yaml",), "--model.head.init_args.loss", "focal", "'dice', 'bce', 'ce', 'dice+bce'"),
+    (("refcoco.yaml",), "--model.head.init_args.decoder", "unet", "'film', 'clipseg', 'cnn'"),
+    (("refcoco.yaml",), "--data.dataset", "refclef2", "'refcoco', 'refcoco+', 'refcocog', 'refclef'"),
+    (("refcoco.yaml",), "--data.train_sentences", "some", "'one_per_ref', 'all'"),
+    (("refcoco.yaml",), "--data.sentence_field", "text", "'sent', 'raw'"),
+    (("demo.yaml", "peers/concat.yaml"), "--model.fusion.init_args.projector", "qformer", "'linear', 'mlp'"),
+    (("demo.yaml", "peers/modex.yaml"), "--model.fusion.init_args.projector", "qformer", "'linear', 'mlp'"),
+    (("demo.yaml", "peers/pill_stage2.yaml"), "--model.fusion.init_args.projector", "qformer", "'linear', 'mlp'"),
+    (("demo.yaml", "peers/pill_stage2.yaml"), "--model.fusion.init_args.stage", "3", "1, 2"),
+    (("mosi.yaml",), "--data.modalities", "[vision]", "'audio', 'facial'"),
+    (("food101.yaml",), "--data.val_splits", "[dev]", "'train', 'val', 'test'"),
+]
+
+
+@pytest.mark.parametrize("configs, option, value, choices", OUTSIDE_ITS_TYPE,
+                         ids=[f"{option}={value}" for _, option, value, _ in OUTSIDE_ITS_TYPE])
+def test_a_choice_outside_its_type_is_refused_listing_the_choices(monkeypatch, capsys, configs, option, value, choices):
+    given = [arg for config in configs for arg in ("--config", str(CONFIGS / config))]
+    error = fails_at_once(monkeypatch, capsys, "fit", *given, option, value)
+    assert value.strip("[]") in error
+    assert f"Literal[{choices}]" in error
+
+
+@pytest.mark.parametrize("option, class_path, parameter, choices", [
+    ("--model.fusion.help", "mit_lightning.fusion.MiT", "form", "'gated', 'paper', 'release'"),
+    ("--model.fusion.help", "mit_lightning.fusion.MiT", "init", "'identity', 'default'"),
+    ("--model.fusion.help", "mit_lightning.fusion.TokenConcat", "projector", "'linear', 'mlp'"),
+    ("--model.fusion.help", "mit_lightning.fusion.ModeX", "projector", "'linear', 'mlp'"),
+    ("--model.fusion.help", "mit_lightning.fusion.PILL", "projector", "'linear', 'mlp'"),
+    ("--model.fusion.help", "mit_lightning.fusion.PILL", "stage", "1, 2"),
+    ("--model.head.help", "mit_lightning.heads.ReferringSegmentation", "loss", "'dice', 'bce', 'ce', 'dice+bce'"),
+    ("--model.head.help", "mit_lightning.heads.ReferringSegmentation", "decoder", "'film', 'clipseg', 'cnn'"),
+    ("--data.help", "mit_lightning.data.mmsa.MMSADataModule", "modalities", "'audio', 'facial'"),
+    ("--data.help", "mit_lightning.data.food101.Food101DataModule", "val_splits", "'train', 'val', 'test'"),
 ])
-def test_a_choice_outside_its_type_is_refused_listing_the_choices(monkeypatch, capsys, option, value, choices):
-    error = fails_at_once(monkeypatch, capsys, "fit", "--config", str(CONFIGS / "refcoco.yaml"), option, value)
-    assert value in error
-    assert all(choice.strip() in error for choice in choices.split(","))
+def test_help_of_a_class_lists_the_choices_of_its_settings(monkeypatch, capsys, option, class_path, parameter, choices):
+    monkeypatch.setattr(sys, "argv", ["mit", "fit", option, class_path])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    entry = text[text.rindex(f"{option.removesuffix('help')}{parameter} "):]  # after the usage line's mention
+    assert f"Literal[{choices}]" in entry.split("(type: ", 1)[1].split(", default:")[0]
+
+
+#: a value outside its type given from Python, where no parser checks it, fails at construction
+PYTHON_CALLERS = {
+    "MiT form": lambda: MiT(TINY_DIMS, layers=[1], form="gate"),
+    "MiT init": lambda: MiT(TINY_DIMS, layers=[1], init="zero"),
+    "Segmentation loss": lambda: ReferringSegmentation(TINY_DIMS, vision_blocks=(1,), loss="focal"),
+    "Segmentation decoder": lambda: ReferringSegmentation(TINY_DIMS, vision_blocks=(1,), decoder="unet"),
+    "projector": lambda: ModeX(TINY_DIMS, projector="qformer"),
+    "PILL stage": lambda: PILL(TINY_DIMS, stage=3),
+    "model.text_feature": lambda: MiTModule(head=ReferringSegmentation, text_feature="first_token"),
+    "data.dataset": lambda: RefCOCODataModule(dataset="refclef2"),
+    "data.train_sentences": lambda: RefCOCODataModule(train_sentences="some"),
+    "data.sentence_field": lambda: RefCOCODataModule(sentence_field="text"),
+    "Each of data.modalities": lambda: MMSADataModule(modalities=["vision"]),
+    "dtype": lambda: torch_dtype("float64"),
+}
+
+
+@pytest.mark.parametrize("name", PYTHON_CALLERS)
+def test_a_choice_outside_its_type_from_python_fails_at_construction(name):
+    with pytest.raises(UserError, match=rf"^{re.escape(name)} must be one of .*; got "):
+        PYTHON_CALLERS[name]()

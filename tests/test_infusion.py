@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, last_token
 from mit_lightning.errors import UserError
 from mit_lightning.fusion import FusionInputs, MiT, ModelDims, TextOnly
 from mit_lightning.backbones.llm import LLMShape
-from mit_lightning.fusion.mit import FORMS, InfusionLayer, InfusionPayload, head_cosine
+from mit_lightning.fusion.mit import Form, InfusionLayer, InfusionPayload, head_cosine
 
 PROMPTS = ["the red circle", "Segment the small blue square on the left according to the text. #Segmentation:"]
 FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2"]
@@ -229,7 +230,7 @@ def test_modalities_are_concatenated_in_the_configured_order(tiny_llm_factory):
 
 
 @pytest.mark.parametrize("rescale", [True, False])
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", get_args(Form))
 def test_infused_keys_and_values_follow_the_equations_of_each_form(form, rescale):
     """Eq. 1–5 written out term by term, per sample and head, against the layer's fused computation."""
     shape = LLMShape(hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=8)

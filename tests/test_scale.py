@@ -14,9 +14,10 @@ from typing import Union
 import pytest
 import torch
 import yaml
-from jsonargparse import ArgumentParser
-from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # FSDP's wrapper; torch has no public path
+    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.overrides import TorchFunctionMode
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -26,7 +27,7 @@ from mit_lightning import scales
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.vision import FrozenCLIP
-from mit_lightning.cli import _ParseOnly
+from mit_lightning.cli import parse_run_config
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError
 from mit_lightning.fusion import FusionInputs, MiT, ModelDims, TokenConcat
@@ -37,6 +38,7 @@ from mit_lightning.metrics.segmentation import OverallIoU
 from mit_lightning.module import MiTModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: the task configs; refcoco+.yaml and refcocog.yaml are overlays on refcoco.yaml, not tasks of their own
 TASK_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if path.name not in ("refcoco+.yaml", "refcocog.yaml"))
 DDP, FSDP = CONFIGS / "trainer" / "ddp_2gpu_bf16.yaml", CONFIGS / "trainer" / "fsdp.yaml"
 CPU = torch.device("cpu")
@@ -202,7 +204,9 @@ def test_activation_checkpointing_recomputes_the_layers_with_their_payload(train
 def test_fsdp_checkpointing_policy_recomputes_the_layers_with_their_payload():
     _, plain, _ = checkpointing_run(fresh_llm(), True)
     llm = fresh_llm()
-    _setup_activation_checkpointing(llm.model, fsdp_strategy()._activation_checkpointing_kwargs)
+    policy = ModuleWrapPolicy(fsdp_settings().activation_checkpointing_policy)
+    wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)  # what FSDPStrategy applies
+    apply_activation_checkpointing(llm.model, checkpoint_wrapper_fn=wrapper, auto_wrap_policy=policy)
     calls, checkpointed, _ = checkpointing_run(llm, True)
     assert calls == 2  # FSDP's wrapper checkpoints whatever the layer's mode
     for name, gradient in plain.items():
@@ -211,37 +215,50 @@ def test_fsdp_checkpointing_policy_recomputes_the_layers_with_their_payload():
 
 # --- trainer overlays ------------------------------------------------------------------------------
 def parsed(*configs: Path):
-    return _ParseOnly(args=[arg for config in configs for arg in ("--config", str(config))], run=False)
+    """The run config of `configs`, parsed as `mit fit` parses it; nothing is built."""
+    return parse_run_config([arg for config in configs for arg in ("--config", str(config))])
 
 
 @pytest.mark.parametrize("task", TASK_CONFIGS, ids=lambda path: path.stem)
 def test_trainer_overlays_compose_with_every_task_config(task):
-    alone = parsed(task).config
-    ddp = parsed(task, DDP).config
+    alone = parsed(task)
+    ddp = parsed(task, DDP)
     assert (ddp.trainer.devices, ddp.trainer.strategy, ddp.trainer.precision) == (2, "ddp", "bf16-mixed")
     assert ddp.data.init_args.batch_size == 8 and ddp.data.class_path == alone.data.class_path
     assert ddp.model == alone.model and ddp.trainer.callbacks == alone.trainer.callbacks
-    fsdp = parsed(task, FSDP).config
+    fsdp = parsed(task, FSDP)
     assert fsdp.trainer.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
     assert fsdp.model == alone.model and fsdp.data == alone.data
 
 
+def fsdp_settings():
+    """The FSDP overlay's strategy arguments, as `mit fit` parses them."""
+    return parsed(CONFIGS / "refcoco.yaml", FSDP).trainer.strategy.init_args
+
+
 def fsdp_strategy() -> FSDPStrategy:
     """The strategy of the FSDP overlay, rebuilt from the config as a checkpoint stores it."""
-    cli = parsed(CONFIGS / "refcoco.yaml", FSDP)
-    stored = yaml.safe_load(cli.parser.dump(cli.config))["trainer"]["strategy"]
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Union[str, Strategy])
-    return parser.instantiate(parser.parse_object({"strategy": stored})).strategy
+    stored = yaml.safe_load(parser.dump(Namespace(strategy=parsed(CONFIGS / "refcoco.yaml", FSDP).trainer.strategy)))
+    return parser.instantiate(parser.parse_object(stored)).strategy
+
+
+def wraps(policy: ModuleWrapPolicy, module: torch.nn.Module) -> bool:
+    """Whether `policy` makes `module` a unit of its own (the callable form FSDP accepts as a policy)."""
+    return policy(module, recurse=False, nonwrapped_numel=0)
 
 
 def test_fsdp_overlay_builds_the_strategy_it_documents():
+    settings = fsdp_settings()
+    assert settings.state_dict_type == "full"
+    assert settings.auto_wrap_policy == {LlamaDecoderLayer, FrozenCLIP, SequenceEncoder, Fusion, TaskHead}
+    assert settings.activation_checkpointing_policy == {LlamaDecoderLayer}
     strategy = fsdp_strategy()
-    assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+    assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"] is True  # frozen and trainable weights may share a unit
-    wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert {LlamaDecoderLayer, FrozenCLIP, SequenceEncoder, Fusion, TaskHead} == wrapped
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    layer = fresh_llm().layers[0]  # the policy the strategy holds is the one the overlay states
+    assert wraps(strategy.kwargs["auto_wrap_policy"], layer) and not wraps(strategy.kwargs["auto_wrap_policy"], layer.self_attn)
     precision = strategy.mixed_precision
     assert (precision.param_dtype, precision.reduce_dtype, precision.buffer_dtype) == (
         torch.bfloat16, torch.float32, torch.float32)
@@ -258,7 +275,7 @@ def test_fsdp_units_each_hold_one_dtype(fusion):
     )
     module.build(DataSpec(sequence_dims={"audio": 8}))
     policy: ModuleWrapPolicy = fsdp_strategy().kwargs["auto_wrap_policy"]
-    units = [module, *policy._run_policy(module, set(), {})]
+    units = [module, *(unit for unit in module.modules() if unit is not module and wraps(policy, unit))]
     expected = {*module.llm.layers, module.vision, module.fusion, module.head, *module.sequence_encoders.values()}
     assert expected <= set(units)
     for unit in units:

@@ -291,7 +291,7 @@ def test_nonsense_settings_are_refused_with_a_clear_message(tiny_llm_factory, ti
     dims = vision_dims(tiny_llm_factory(), tiny_clip)
     with pytest.raises(UserError, match="ModeX rank must be a positive integer"):
         ModeX(dims, rank=0)
-    with pytest.raises(UserError, match="PILL stage must be 1"):
+    with pytest.raises(UserError, match="PILL stage must be one of 1, 2; got 3"):
         PILL(dims, stage=3)
     with pytest.raises(UserError, match="PILL adapter rank"):
         PILL(dims, rank=-1)
@@ -299,7 +299,7 @@ def test_nonsense_settings_are_refused_with_a_clear_message(tiny_llm_factory, ti
         TokenConcat(dims, modalities=["audio"])
     with pytest.raises(UserError, match="vision_block 9 is outside"):
         ModeX(dims, vision_block=9)
-    with pytest.raises(UserError, match="Unknown projector"):
+    with pytest.raises(UserError, match="projector must be one of linear, mlp; got 'qformer'"):
         PILL(dims, projector="qformer")
     with pytest.raises(UserError, match="LoRA rank must be a positive integer"):
         LoRA(rank=0)

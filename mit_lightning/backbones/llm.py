@@ -19,7 +19,7 @@ from mit_lightning.backbones.lora import set_adapters_training
 from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
 from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
 from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
-from mit_lightning.errors import UserError, expand_env
+from mit_lightning.errors import UserError, check_choice, expand_env
 
 #: dtypes the frozen weights may be kept in
 DType = Literal["bfloat16", "float16", "float32"]
@@ -28,6 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def torch_dtype(name: DType) -> torch.dtype:
+    check_choice("dtype", name, DType)
     return getattr(torch, name)
 
 

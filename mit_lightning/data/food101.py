@@ -19,18 +19,20 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from mit_lightning.data.classification import ImageTextClassificationDataModule, ImageTextRecord
 from mit_lightning.data.records import SetupReport, decoded_lines
-from mit_lightning.errors import UserError, expand_env
+from mit_lightning.errors import UserError, check_choice, expand_env
 
 log = logging.getLogger(__name__)
 
+#: the splits: the official train part less a stratified validation draw, the draw, the official test part
+Split = Literal["train", "val", "test"]
 #: which official part each split is read from
-SOURCES = {"train": "train", "val": "train", "test": "test"}
+SOURCES: dict[Split, str] = {"train": "train", "val": "train", "test": "test"}
 DEFAULT_PROMPT = "Classify the food in the image from its recipe title: {text}. #Classification:"
 
 
@@ -110,10 +112,10 @@ class Food101DataModule(ImageTextClassificationDataModule):
         val_size: int | float = 6846,
         split_seed: int = 0,
         split_dir: str | None = None,
-        train_split: str = "train",
-        val_splits: Sequence[str] = ("val",),
-        test_splits: Sequence[str] = ("test",),
-        predict_splits: Sequence[str] | None = None,
+        train_split: Split = "train",
+        val_splits: Sequence[Split] = ("val",),
+        test_splits: Sequence[Split] = ("test",),
+        predict_splits: Sequence[Split] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -134,8 +136,7 @@ class Food101DataModule(ImageTextClassificationDataModule):
 
     # --- files ------------------------------------------------------------------------------
     def _required_paths(self, split: str) -> dict[Path, str]:
-        if split not in SOURCES:
-            raise UserError(f"Unknown {self.dataset_name} split '{split}'; the splits are {', '.join(SOURCES)}.")
+        check_choice(f"{self.dataset_name} split", split, Split)
         source = SOURCES[split]
         return {
             self.root / "images" / source: f"{source} images, one folder per class",

@@ -28,13 +28,15 @@ from torch.utils.data import Dataset
 
 from mit_lightning.data.base import DataSpec, MiTDataModule, PromptFormat
 from mit_lightning.data.records import SetupReport, as_text, decode_bytes
-from mit_lightning.errors import UserError, existing_path, expand_env
+from mit_lightning.errors import UserError, check_choice, existing_path, expand_env
 from mit_lightning.safe_pickle import load_data_pickle
 
 log = logging.getLogger(__name__)
 
+#: the feature sequences served
+Modality = Literal["audio", "facial"]
 #: served modality name -> MMSA key of its feature sequence (lengths under "<key>_lengths")
-MODALITY_KEYS = {"audio": "audio", "facial": "vision"}
+MODALITY_KEYS: dict[Modality, str] = {"audio": "audio", "facial": "vision"}
 #: MMSA's regression labels are mean annotator scores on this scale
 LABEL_RANGE = (-3.0, 3.0)
 DEFAULT_PROMPT = "Predict the sentiment of the following text: {text}. #Sentiment:"
@@ -118,7 +120,7 @@ class MMSADataModule(MiTDataModule):
         dataset: Literal["MOSI", "MOSEI"] = "MOSI",
         file: str | None = None,
         aligned: bool = True,
-        modalities: Sequence[str] = ("audio", "facial"),
+        modalities: Sequence[Modality] = ("audio", "facial"),
         prompt_template: str = DEFAULT_PROMPT,
         max_sequence_length: int | None = None,
         train_split: str = "train",
@@ -144,12 +146,8 @@ class MMSADataModule(MiTDataModule):
         )
         self.dataset = dataset
         self.modalities = list(dict.fromkeys(modalities))
-        unknown = [name for name in self.modalities if name not in MODALITY_KEYS]
-        if unknown:
-            raise UserError(
-                f"Unknown data.modalities {unknown}; choose among {', '.join(MODALITY_KEYS)} "
-                "(MMSA's 'vision' features are served as 'facial')."
-            )
+        for name in self.modalities:
+            check_choice("Each of data.modalities", name, Modality)
         self.prompt_format = PromptFormat(prompt_template, strip=True)
         if max_sequence_length is not None and max_sequence_length < 1:
             raise UserError(f"data.max_sequence_length must be at least 1 (or unset), got {max_sequence_length}.")

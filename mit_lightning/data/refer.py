@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from mit_lightning.data.base import MiTDataModule, PromptFormat
 from mit_lightning.data.images import UnreadableImage, header_size, read_rgb, resize_mask, to_square_tensor
 from mit_lightning.data.records import SetupReport, as_text
-from mit_lightning.errors import UserError, existing_path
+from mit_lightning.errors import UserError, check_choice, existing_path
 from mit_lightning.safe_pickle import load_data_pickle
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ PAPER_TEMPLATE = "Segment the {description} according to the text. #Segmentation
 ReferDataset = Literal["refcoco", "refcoco+", "refcocog", "refclef"]
 SplitBy = Literal["unc", "google", "umd", "berkeley"]
 SentenceField = Literal["sent", "raw"]
+TrainSentences = Literal["one_per_ref", "all"]
 SENTENCE_FIELDS: tuple[SentenceField, ...] = get_args(SentenceField)
 
 
@@ -298,11 +299,17 @@ class ReferringSegmentationDataset(Dataset):
         }
 
 
-def check_split_by(dataset: str, split_by: str, prefix: str = "") -> None:
-    """Which split schemes exist depends on the dataset: a choice the type alone cannot check."""
+def dataset_split_by(dataset: ReferDataset, split_by: SplitBy | None, prefix: str = "") -> SplitBy:
+    """The split scheme read for `dataset`, its usual one when None.
+
+    Which schemes exist depends on the dataset: a choice the types alone cannot check.
+    """
+    check_choice(f"{prefix}dataset", dataset, ReferDataset)
     schemes = COLLECTIONS[dataset].split_bys
+    split_by = split_by or schemes[0]
     if split_by not in schemes:
         raise UserError(f"{prefix}split_by for {dataset} must be one of {', '.join(schemes)}; got '{split_by}'.")
+    return split_by
 
 
 # --- data module ------------------------------------------------------------------------------
@@ -359,7 +366,7 @@ class RefCOCODataModule(MiTDataModule):
         image_size: int | None = None,
         mask_size: int = 480,
         eval_at_original_size: bool = False,
-        train_sentences: Literal["one_per_ref", "all"] = "one_per_ref",
+        train_sentences: TrainSentences = "one_per_ref",
         sentence_field: SentenceField = "sent",
         prompt_template: str = PAPER_TEMPLATE,
         batch_size: int = 8,
@@ -367,8 +374,9 @@ class RefCOCODataModule(MiTDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        split_by = split_by or COLLECTIONS[dataset].split_bys[0]
-        check_split_by(dataset, split_by, "data.")
+        split_by = dataset_split_by(dataset, split_by, "data.")
+        check_choice("data.train_sentences", train_sentences, TrainSentences)
+        check_choice("data.sentence_field", sentence_field, SentenceField)
         prompt_format = PromptFormat(prompt_template, DESCRIPTION, lowercase=sentence_field == "sent")
         for name, size in (("image_size", image_size), ("mask_size", mask_size)):
             if size is not None and size < 1:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mit_lightning.data.refer import COLLECTIONS, RefCOCODataModule, check_split_by, decode_mask, segmentation_to_rle
+from mit_lightning.data.refer import COLLECTIONS, RefCOCODataModule, dataset_split_by, decode_mask, segmentation_to_rle
 from mit_lightning.errors import UserError, expand_env
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -135,8 +135,7 @@ def describe(colour: str, shape: str, rng: np.random.Generator, sent_id: int) ->
 def _settings(*, dataset: str, split_by: str | None, train_images: int, val_images: int, test_images: int,
               image_size: int, seed: int) -> dict[str, Any]:
     """Validated generator settings; the same dict is stored in the marker to recognise the dataset."""
-    split_by = split_by or COLLECTIONS[dataset].split_bys[0]
-    check_split_by(dataset, split_by)
+    split_by = dataset_split_by(dataset, split_by)
     for name, value in (("train_images", train_images), ("val_images", val_images), ("test_images", test_images)):
         if value < 1:
             raise UserError(f"The synthetic dataset needs at least one image per split; {name} is {value}.")

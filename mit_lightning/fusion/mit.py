@@ -31,18 +31,21 @@ Choices where the paper cannot be taken literally (see docs in README):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
 from mit_lightning.backbones.llm import FrozenLLM, LLMShape, last_token
 from mit_lightning.backbones.taps import PAYLOAD_KWARG, LayerTap, TapPayload, check_reached, tap_layer
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 
 PAPER_LAYERS = (13, 17, 21, 25, 29, 32)
-FORMS = ("gated", "paper", "release")
+#: Eq. 5 as this project gates it (identity at init), literally as the paper writes it, or as the authors' code does
+Form = Literal["gated", "paper", "release"]
+#: the infusion maps' initialisation: the paper's identity or PyTorch's default (the authors' code)
+Init = Literal["identity", "default"]
 
 
 @dataclass
@@ -79,11 +82,13 @@ class InfusionLayer(nn.Module):
         kv: bool,
         ffn: bool,
         rescale: bool,
-        form: str,
-        init: str,
+        form: Form,
+        init: Init,
         head_scale_init: float,
     ) -> None:
         super().__init__()
+        check_choice("MiT form", form, Form)
+        check_choice("MiT init", init, Init)
         self.num_kv_heads, self.head_dim = shape.num_kv_heads, shape.head_dim
         self.form = form
         kv_size = shape.num_kv_heads * shape.head_dim
@@ -94,8 +99,6 @@ class InfusionLayer(nn.Module):
         self.ffn_map = nn.Linear(in_dim, shape.intermediate_size) if ffn else None
         if init == "identity":
             self._init_identity(kv_size)
-        elif init != "default":
-            raise UserError(f"Unknown MiT init '{init}'; use 'identity' (paper) or 'default' (PyTorch default, release).")
 
     @torch.no_grad()
     def _init_identity(self, kv_size: int) -> None:
@@ -177,14 +180,12 @@ class MiT(Fusion):
         kv: bool = True,
         ffn: bool = True,
         rescale: bool = True,
-        form: str = "gated",
-        init: str | None = None,
+        form: Form = "gated",
+        init: Init | None = None,
         head_scale_init: float = 1.0,
         modalities: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if form not in FORMS:
-            raise UserError(f"Unknown MiT form '{form}'; use one of {FORMS}.")
         if not (kv or ffn):
             raise UserError("MiT with kv=false and ffn=false infuses nothing; use mit_lightning.fusion.TextOnly instead.")
         self.layer_numbers = _check_layers(layers, dims.llm.num_layers)

@@ -30,7 +30,7 @@ from torch import nn
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import ModelDims
-from mit_lightning.fusion.tokens import TokenFusion
+from mit_lightning.fusion.tokens import Projector, TokenFusion
 
 EXPERTS = 3  # text, visual, cross
 TEMPERATURE = 10.0
@@ -88,7 +88,7 @@ class ModeX(TokenFusion):
         dims: ModelDims,
         rank: int = 16,
         vision_block: int | None = None,
-        projector: str = "mlp",
+        projector: Projector = "mlp",
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
     ) -> None:

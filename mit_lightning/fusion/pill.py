@@ -29,7 +29,7 @@ Choices of this implementation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -37,11 +37,12 @@ from torch import nn
 from mit_lightning.backbones.llm import LLMShape
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.backbones.taps import TapPayload
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import ModelDims
-from mit_lightning.fusion.tokens import TokenFusion
+from mit_lightning.fusion.tokens import Projector, TokenFusion
 
-STAGES = (1, 2)
+#: 1 = A_vis and the projector train, MAG off; 2 = everything trains, MAG on
+Stage = Literal[1, 2]
 
 
 class SwiGLUAdapter(nn.Module):
@@ -125,15 +126,14 @@ class PILL(TokenFusion):
     def __init__(
         self,
         dims: ModelDims,
-        stage: int = 2,
+        stage: Stage = 2,
         rank: int = 32,
         vision_block: int | None = None,
-        projector: str = "linear",
+        projector: Projector = "linear",
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
     ) -> None:
-        if stage not in STAGES:
-            raise UserError(f"PILL stage must be 1 (A_vis + projector, MAG off) or 2 (everything, MAG on); got {stage}.")
+        check_choice("PILL stage", stage, Stage)
         if rank <= 0:
             raise UserError(f"PILL adapter rank must be a positive integer; got {rank}.")
         super().__init__(

@@ -12,7 +12,7 @@ frozen LLM (peft), installs a subclass's per-layer transforms at the tap sites o
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -20,20 +20,20 @@ from torch import nn
 from mit_lightning.backbones.llm import FrozenLLM, last_token
 from mit_lightning.backbones.lora import LoRA, add_lora, remove_lora
 from mit_lightning.backbones.taps import PAYLOAD_KWARG, LayerTap, TapPayload, check_reached, tap_layer
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 
 IMAGE = "image"
-PROJECTORS = ("linear", "mlp")
+#: how each token source is mapped to the LLM width
+Projector = Literal["linear", "mlp"]
 
 
-def make_projector(kind: str, in_dim: int, out_dim: int, bias: bool = True) -> nn.Module:
+def make_projector(kind: Projector, in_dim: int, out_dim: int, bias: bool = True) -> nn.Module:
     """"linear", or "mlp": two layers with GELU (LLaVA-1.5's connector)."""
+    check_choice("projector", kind, Projector)
     if kind == "linear":
         return nn.Linear(in_dim, out_dim, bias=bias)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias), nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias))
-    raise UserError(f"Unknown projector '{kind}'; use one of {PROJECTORS}.")
+    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias), nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias))
 
 
 class ModalityTokens(nn.Module):
@@ -54,7 +54,7 @@ class ModalityTokens(nn.Module):
         dims: ModelDims,
         method: str,
         vision_block: int | None = None,
-        projector: str = "mlp",
+        projector: Projector = "mlp",
         bias: bool = True,
         modalities: Sequence[str] | None = None,
     ) -> None:
@@ -120,7 +120,7 @@ class TokenFusion(Fusion):
         self,
         dims: ModelDims,
         vision_block: int | None = None,
-        projector: str = "mlp",
+        projector: Projector = "mlp",
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
         projector_bias: bool = True,

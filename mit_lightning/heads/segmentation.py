@@ -10,20 +10,20 @@ authors' release (`release_decoders.py`) are selectable too.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
 from mit_lightning.heads.release_decoders import CLIPSegDecoder, ConvDecoder
 from mit_lightning.metrics.segmentation import MeanIoU, OverallIoU, PrecisionAtIoU, WholeImageIoU
 
-LOSSES = ("dice", "bce", "ce", "dice+bce")
+Loss = Literal["dice", "bce", "ce", "dice+bce"]
 Decoder = Literal["film", "clipseg", "cnn"]
 #: the decoder's width when none is set: film's first stage, clipseg's reduced width, cnn's conv width
 DEFAULT_WIDTHS = {"film": 256, "clipseg": 64, "cnn": 512}
@@ -107,13 +107,11 @@ class ReferringSegmentation(TaskHead):
 
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int | None = None,
-        loss: str = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048, cnn_size: int = 64,
+        loss: Loss = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048, cnn_size: int = 64,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise UserError(f"Unknown segmentation loss '{loss}'; use one of {LOSSES}.")
-        if decoder not in DEFAULT_WIDTHS:
-            raise UserError(f"Unknown segmentation decoder '{decoder}'; use one of {get_args(Decoder)}.")
+        check_choice("Segmentation loss", loss, Loss)
+        check_choice("Segmentation decoder", decoder, Decoder)
         if dims.vision_depth is None:
             raise UserError("ReferringSegmentation needs a vision tower (model.vision).")
         outside = [block for block in vision_blocks if not 1 <= block <= dims.vision_depth]
