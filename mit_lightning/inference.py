@@ -15,8 +15,9 @@ sequences with their masks; masks come back at the image's own size, by the rule
 
 Several trained models on one backbone (`load_adapters`, used by `mit serve`): MiT installs a tap in
 each infused LLM layer and a layer takes one tap, so two MiT adapters cannot be installed at once.
-`SharedBackbones` loads the LLM and CLIP once and keeps which adapter's fusion is installed; running
-another adapter swaps them (`Fusion.detach` / `attach`: hooks only, no weights move). Callers run
+`SharedBackbones` loads the LLM and CLIP once and keeps which adapter's fusion (and task token) is
+installed; running another adapter swaps them (`MiTModule.detach_from_llm` / `attach_to_llm`: hooks
+only, no weights move). Callers run
 batches of one adapter at a time, from one thread. A fusion that changes the LLM itself (e.g. LoRA
 weights inside it) cannot share it: detaching it must leave the LLM exactly as loaded, else it is
 refused unless served alone.
@@ -45,7 +46,6 @@ from mit_lightning.backbones.vision import FrozenCLIP
 from mit_lightning.data.base import collate
 from mit_lightning.data.images import DECODE_ERRORS, ImageTooLarge, load_rgb, to_square_tensor
 from mit_lightning.errors import UserError, user_error_in
-from mit_lightning.fusion.base import Fusion
 from mit_lightning.module import MiTModule
 
 #: bounds on one input, so that a single request cannot take the memory or time of all others
@@ -192,7 +192,7 @@ class Predictor:
     @torch.inference_mode()
     def run(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         """Results for checked samples (`check`), in one forward pass: keep batches to a size the device holds."""
-        self.backbones.activate(self.module.fusion)
+        self.backbones.activate(self.module)
         batch = self.prepare(samples)
         with precision_context(self.precision, self.module.device):
             output = self.module(batch)
@@ -244,22 +244,23 @@ def llm_signature(llm: FrozenLLM) -> tuple:
 
 
 class SharedBackbones:
-    """The frozen LLM and CLIP, loaded once, and the one fusion installed in the LLM now."""
+    """The frozen LLM and CLIP, loaded once, and the one model whose hooks are installed in the LLM now."""
 
     def __init__(self) -> None:
         self.llm: FrozenLLM | None = None
         self.vision: FrozenCLIP | None = None
-        self.active: Fusion | None = None
+        self.active: MiTModule | None = None
 
-    def activate(self, fusion: Fusion) -> None:
-        """Install `fusion` in the LLM (after taking out the one installed): a swap of hooks, no weights move."""
-        if self.active is fusion:
+    def activate(self, module: MiTModule) -> None:
+        """Install `module`'s fusion and task token in the LLM (after taking out those installed): a swap of
+        hooks, no weights move."""
+        if self.active is module:
             return
         if self.active is not None:
-            self.active.detach()
+            self.active.detach_from_llm()
         self.active = None
-        fusion.attach(self.llm)
-        self.active = fusion
+        module.attach_to_llm()
+        self.active = module
 
     def build(self, module: MiTModule, adapter: Adapter, name: str, shared: bool) -> None:
         """Build `module` on these backbones (loading them with the first one). With `shared`, its fusion is
@@ -273,14 +274,14 @@ class SharedBackbones:
             _check_same_settings(self.vision.config, module.vision_config, "vision tower", name)
             vision = self.vision
         if self.active is not None:
-            self.active.detach()
+            self.active.detach_from_llm()
             self.active = None
         before = llm_signature(self.llm)
-        module.build(adapter.data_spec, llm=self.llm, vision=vision)  # installs its fusion
-        self.active = module.fusion
+        module.build(adapter.data_spec, llm=self.llm, vision=vision)  # installs its fusion (and task token)
+        self.active = module
         if not shared:
             return
-        module.fusion.detach()
+        module.detach_from_llm()
         self.active = None
         if llm_signature(self.llm) != before:
             raise UserError(

@@ -272,7 +272,20 @@ class MiTModule(L.LightningModule):
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/trainable_percent": percent}, step=0)
 
-    # --- forward --------------------------------------------------------------------------------
+    def attach_to_llm(self) -> None:
+        """Install this model's hooks in the frozen LLM (its fusion, its task token): models served on one
+        LLM take turns (`inference.SharedBackbones`)."""
+        self.fusion.attach(self.llm)
+        if self.task_token is not None:
+            self.task_token.attach(self.llm.model.get_input_embeddings())
+
+    def detach_from_llm(self) -> None:
+        """Take this model's hooks out of the frozen LLM again."""
+        self.fusion.detach()
+        if self.task_token is not None:
+            self.task_token.detach()
+
+        # --- forward --------------------------------------------------------------------------------
     def encode_modalities(self, batch: dict[str, Any]) -> FusionInputs:
         vectors: dict[str, torch.Tensor] = {}
         inputs = FusionInputs(vectors=vectors)

@@ -33,7 +33,7 @@ def forward(predictor, items: list[dict]) -> torch.Tensor:
     batch = {key: value.to(predictor.module.device) if isinstance(value, torch.Tensor) else value
              for key, value in collate(items).items()}
     with torch.no_grad():
-        predictor.backbones.activate(predictor.module.fusion)
+        predictor.backbones.activate(predictor.module)
         return predictor.module(batch)
 
 
@@ -160,6 +160,21 @@ def test_adapters_share_one_backbone_and_answer_as_each_does_alone(demo_run, tas
                 assert result[key] == pytest.approx(value, abs=1e-5)
             else:
                 assert result[key] == value
+
+
+def test_task_token_adapters_share_one_backbone_and_answer_as_each_does_alone(task_checkpoints, tmp_path):
+    model = copy.deepcopy(MODELS["classification"])
+    model["text_feature"] = "task_token"
+    sources = [build_adapter("classification", seed, tmp_path / f"token{seed}.ckpt", model=model) for seed in (5, 6)]
+    sources.append(build_adapter("classification", 7, tmp_path / "last_token.ckpt"))
+    image, _ = shapes_image(64)
+    alone = [load_adapters([source], device="cpu")[source.source.stem].predict(image=image, text="Churros")
+             for source in sources]
+    assert alone[0]["probabilities"] != pytest.approx(alone[1]["probabilities"], abs=1e-3)  # the token matters
+    shared = list(load_adapters(sources, device="cpu").values())
+    for predictor, expected in [*zip(shared, alone), *zip(shared[::-1], alone[::-1])]:
+        assert predictor.predict(image=image, text="Churros")["probabilities"] == pytest.approx(
+            expected["probabilities"], abs=1e-5)
 
 
 class LeavesAHook(TextOnly):

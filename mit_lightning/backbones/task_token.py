@@ -33,10 +33,16 @@ class TaskToken(nn.Module):
         self.token_id = embeddings.num_embeddings
         self.embedding = nn.Parameter(embeddings.weight.detach().float().mean(dim=0))
         self._is_task: torch.Tensor | None = None  # where the current lookup holds the token
-        self._handles = [
-            embeddings.register_forward_pre_hook(_LookUpElsewhere(self)),
-            embeddings.register_forward_hook(_PutTaskEmbedding(self)),
-        ]
+        self._handles: list = []
+        self.attach(embeddings)
+
+    def attach(self, embeddings: nn.Embedding) -> None:
+        """Hook the embedding module (again, after `detach`: models sharing one LLM take turns)."""
+        if not self._handles:
+            self._handles = [
+                embeddings.register_forward_pre_hook(_LookUpElsewhere(self)),
+                embeddings.register_forward_hook(_PutTaskEmbedding(self)),
+            ]
 
     def detach(self) -> None:
         """Take the hooks out of the embedding module again."""
