@@ -166,3 +166,9 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
         main()
     commands = capsys.readouterr().out.split("other commands:")[1]
     assert [line.split()[0] for line in commands.strip().splitlines()] == ["bench", "compare", "reproduce", "serve", "export"]
+
+
+def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeypatch, capsys):
+    overlay = str(Path(DEMO).parent / "refcoco+.yaml")
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", overlay)
+    assert "model.head" in error and "Give a task config first" in error and "configs/refcoco+.yaml" in error
