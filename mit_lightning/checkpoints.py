@@ -13,18 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mit_lightning.errors import UserError
 
 
-def _safetensors_error() -> type[Exception]:
-    from safetensors import SafetensorError
-
-    return SafetensorError
-
-
 #: what torch, safetensors and the libraries calling them raise for a file that is not a complete weight file
-WEIGHT_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, _safetensors_error())
+WEIGHT_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, SafetensorError)
 
 
 def is_broken_file(error: BaseException) -> bool:
@@ -40,10 +35,10 @@ def unreadable_weights(path: str | Path, what: str, error: BaseException) -> Use
     size = path.stat().st_size if path.is_file() else None
     if size == 0:
         reason = "it is empty (0 bytes): it was not written completely. Use a complete copy"
-    elif isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+    elif isinstance(error, pickle.UnpicklingError) and "unsupported global" in str(error).lower():
         reason = ("it holds pickled Python objects besides tensors and plain data, which could run code, so it was "
                   "refused. Only load files from a source you trust, written by the tool that made them")
-    elif isinstance(error, (EOFError, zipfile.BadZipFile, _safetensors_error())) or "PytorchStreamReader" in str(error):
+    elif isinstance(error, (EOFError, zipfile.BadZipFile, SafetensorError)) or "PytorchStreamReader" in str(error):
         reason = f"it is truncated or corrupted ({size:,} bytes). Use a complete copy"
     else:
         reason = (f"it is not a readable torch file ({type(error).__name__}: {str(error).splitlines()[0][:120]}). "

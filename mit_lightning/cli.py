@@ -328,4 +328,3 @@ def main() -> None:
         raise SystemExit(2) from None
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT) from None
-

@@ -285,7 +285,7 @@ class MiTModule(L.LightningModule):
         if self.task_token is not None:
             self.task_token.detach()
 
-        # --- forward --------------------------------------------------------------------------------
+    # --- forward --------------------------------------------------------------------------------
     def encode_modalities(self, batch: dict[str, Any]) -> FusionInputs:
         vectors: dict[str, torch.Tensor] = {}
         inputs = FusionInputs(vectors=vectors)

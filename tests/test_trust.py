@@ -77,11 +77,14 @@ def test_a_class_the_user_names_is_theirs_to_trust(workdir):
     ("empty", "empty (0 bytes)"),
     ("truncated", "truncated or corrupted"),
     ("pickled object", "could run code, so it was refused"),
+    ("text", "not a readable torch file"),
 ])
 def test_broken_or_crafted_weight_files_end_in_one_line_naming_the_file(workdir, kind, expected):
     path = workdir / "weights.pt"
     if kind == "empty":
         path.touch()
+    elif kind == "text":  # a file that is no pickle at all says so, not that it holds code
+        path.write_text("garbage\n")
     elif kind == "truncated":
         torch.save({"weight": torch.ones(64, 64)}, path)
         path.write_bytes(path.read_bytes()[:2000])
