@@ -21,7 +21,14 @@ from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
 from mit_lightning.heads.release_decoders import CLIPSegDecoder, ConvDecoder
-from mit_lightning.metrics.segmentation import MeanIoU, OverallIoU, PrecisionAtIoU, WholeImageIoU
+from mit_lightning.metrics.segmentation import (
+    MeanIoU,
+    OverallIoU,
+    PrecisionAtIoU,
+    WholeImageIoU,
+    mask_statistics,
+    per_sample_iou,
+)
 
 Loss = Literal["dice", "bce", "ce", "dice+bce"]
 Decoder = Literal["film", "clipseg", "cnn"]
@@ -191,11 +198,5 @@ class ReferringSegmentation(TaskHead):
         """The binary masks exactly as evaluation scores them (same size, same decision), and their IoU."""
         targets = batch["mask"]
         masks = self.masks(output, targets)
-        masks = list(masks) if isinstance(masks, torch.Tensor) else masks
-        targets = list(targets) if isinstance(targets, torch.Tensor) else targets
-        ious = []
-        for mask, target in zip(masks, targets):
-            target = target.bool()
-            union = (mask | target).sum()
-            ious.append(float((mask & target).sum() / union) if union > 0 else 1.0)  # the mIoU rule
+        ious = per_sample_iou(mask_statistics(masks, targets)).tolist()  # the mIoU rule
         return {"mask": [mask.cpu() for mask in masks], "iou": ious}

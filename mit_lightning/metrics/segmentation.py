@@ -29,21 +29,27 @@ def intersection_and_union(prediction: torch.Tensor, target: torch.Tensor) -> to
     return torch.stack([intersection, union, target.sum(1), area], dim=1)
 
 
+def mask_statistics(prediction: torch.Tensor | Sequence[torch.Tensor],
+                    target: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """`intersection_and_union` of binary masks (B, H, W), or of lists of (H_i, W_i) masks of varying size."""
+    if isinstance(prediction, torch.Tensor) and isinstance(target, torch.Tensor):
+        return intersection_and_union(prediction, target)
+    return torch.cat([intersection_and_union(p[None], t[None]) for p, t in zip(prediction, target)])
+
+
+def per_sample_iou(rows: torch.Tensor) -> torch.Tensor:
+    """Each sample's IoU from its statistics rows; an empty prediction of an empty target scores 1."""
+    intersection, union = rows[:, 0], rows[:, 1]
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+
+
 class _IoUStatistics(PerSampleMetric):
     higher_is_better = True
 
     def update(self, prediction: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor | Sequence[torch.Tensor],
                sample_ids: torch.Tensor) -> None:
         """`prediction`/`target`: binary masks (B, H, W), or lists of (H_i, W_i) masks of varying size."""
-        if isinstance(prediction, torch.Tensor) and isinstance(target, torch.Tensor):
-            rows = intersection_and_union(prediction, target)
-        else:
-            rows = torch.cat([intersection_and_union(p[None], t[None]) for p, t in zip(prediction, target)])
-        self._append(sample_ids, rows)
-
-    def _per_sample_iou(self, rows: torch.Tensor) -> torch.Tensor:
-        intersection, union = rows[:, 0], rows[:, 1]
-        return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+        self._append(sample_ids, mask_statistics(prediction, target))
 
 
 class OverallIoU(_IoUStatistics):
@@ -59,7 +65,7 @@ class MeanIoU(_IoUStatistics):
     """Mean of per-sample IoU (mIoU)."""
 
     def compute(self) -> torch.Tensor:
-        return self._per_sample_iou(self.unique_rows()).mean().float()
+        return per_sample_iou(self.unique_rows()).mean().float()
 
 
 class PrecisionAtIoU(_IoUStatistics):
@@ -70,7 +76,7 @@ class PrecisionAtIoU(_IoUStatistics):
         self.thresholds = tuple(float(t) for t in thresholds)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        iou = self._per_sample_iou(self.unique_rows())
+        iou = per_sample_iou(self.unique_rows())
         # a small tolerance so that an IoU of exactly t (e.g. 1/2) is not lost to float rounding
         return {f"prec@{t:g}": (iou >= t - 1e-9).double().mean().float() for t in self.thresholds}
 
