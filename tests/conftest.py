@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny frozen backbones built once per session."""
+"""Shared fixtures: tiny frozen backbones built once per session, trained models, a guard against runs."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -47,3 +48,12 @@ def task_checkpoints(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("task_checkpoints")
     return {task: write_checkpoint(task, folder / f"{task}.ckpt", seed) for seed, task in enumerate(
         ("classification", "sentiment"), start=1)}
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A test that must stop before any run starts fails if one does (`mit compare`, `mit reproduce`)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a run was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -84,14 +83,6 @@ def test_a_new_comparison_gets_a_new_folder(tmp_path: Path):
 
 
 # --- before anything trains ---------------------------------------------------------------------------
-@pytest.fixture
-def no_training(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a run was started: {args}")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
-
-
 def test_every_overlay_is_a_strategy_named_by_its_file():
     strategies = compare.available_strategies(PEERS)
     assert list(strategies)[0] == "mit"

@@ -48,14 +48,6 @@ def in_repository(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a run was started: {args}")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
-
-
 # --- the tables file -------------------------------------------------------------------------------
 def test_the_shipped_file_holds_the_papers_numbers_and_the_runs_behind_our_rows():
     assert list(TABLES) == [f"table{n}" for n in range(1, 7)]
