@@ -8,13 +8,11 @@ The folder holds the trainable weights (``adapter.safetensors``) and what rebuil
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
-
-import torch
+from typing import Sequence, get_args
 
 from mit_lightning.adapters import EXPORT_WEIGHTS, find_checkpoint, read_adapter, write_export
+from mit_lightning.backbones.llm import DType, torch_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--config", action="append", default=[],
                         help="the run's config file (to find --ckpt_path best / last); repeatable")
     result.add_argument("--overwrite", action="store_true", help="replace an earlier export in the folder")
-    result.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    result.add_argument("--dtype", choices=sorted(get_args(DType)), default=None,
                         help="store the weights in this precision (default: as trained; bfloat16 halves the size)")
     return result
 
@@ -38,7 +36,7 @@ def main(args: Sequence[str]) -> None:
     options = parser().parse_args(args)
     source = find_checkpoint(options.ckpt_path, options.config)
     adapter = read_adapter(source, user_args=args)
-    dtype = DTYPES[options.dtype] if options.dtype else None
+    dtype = torch_dtype(options.dtype) if options.dtype else None
     folder = write_export(adapter, options.output, overwrite=options.overwrite, dtype=dtype)
     size = (folder / EXPORT_WEIGHTS).stat().st_size
     print(f"Exported '{source}' ({adapter.task}, {adapter.parameter_count:,} trainable parameters, "

@@ -174,11 +174,14 @@ class Predictor:
     def prepare(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """A batch in the data modules' contract (`mit_lightning.data.base`), on the model's device."""
         steps = {name: max(sample.sequences[name].shape[0] for sample in samples) for name in self.sequence_dims}
+        resized: dict[int, torch.Tensor] = {}  # one image with several expressions is resized once
         items = []
         for index, sample in enumerate(samples):
             item: dict[str, Any] = {"prompt": self.spec.prompt.fill(sample.text), "index": index}
             if self.image_size is not None:
-                item["image"] = to_square_tensor(sample.image, self.image_size)
+                if id(sample.image) not in resized:
+                    resized[id(sample.image)] = to_square_tensor(sample.image, self.image_size)
+                item["image"] = resized[id(sample.image)]
             for name, length in steps.items():
                 features = torch.from_numpy(sample.sequences[name])
                 item[name] = F.pad(features, (0, 0, 0, length - features.shape[0]))

@@ -157,7 +157,6 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
         await batcher.stop()
 
     app = FastAPI(title="mit-lightning", summary="Trained MiT models on new inputs", lifespan=lifespan)
-    app.state.batcher = batcher
     app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 2**20))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
