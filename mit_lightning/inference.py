@@ -366,8 +366,7 @@ def load_adapters(
             raise UserError(f"'{adapter.source}' does not record how its prompts were written (data.prompt_template).")
         if adapter.backbones and not allow_other_backbones:
             check_same_backbones(adapter.backbones, module.backbones, f"'{adapter.source}'", BACKBONE_HINT)
-        module.on_load_checkpoint({"state_dict": adapter.weights})  # every trainable weight there, in its shape
-        module.load_state_dict(adapter.weights, strict=False)
+        module.load_trainable_state(adapter.weights, "The checkpoint")
         module.to(device).eval()
         predictors[name] = Predictor(name, module, backbones, adapter.source, adapter.precision)
     return predictors

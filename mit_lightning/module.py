@@ -442,9 +442,14 @@ class MiTModule(L.LightningModule):
             raise UserError(f"model.init_weights '{path}' holds no state_dict: give a .ckpt file written by `mit fit`.")
         saved = checkpoint["state_dict"]
         self._check_backbones(checkpoint, f"model.init_weights '{path}'")
-        self._check_fits(saved, f"model.init_weights '{path}'")
-        self.load_state_dict(saved, strict=False)
+        self.load_trainable_state(saved, f"model.init_weights '{path}'")
         rank_zero_info(f"Trainable weights initialised from {path} ({len(saved)} tensors); optimizer and epoch start afresh.")
+
+    def load_trainable_state(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """Load trainable weights that must be exactly this model's (key for key, shape for shape; `source` names
+        them in the error); the frozen backbones are not in them."""
+        self._check_fits(saved, source)
+        self.load_state_dict(saved, strict=False)
 
     def _check_backbones(self, checkpoint: dict[str, Any], source: str) -> None:
         """Trained on the backbones loaded now (unless allow_other_backbones)."""
