@@ -1,10 +1,11 @@
-"""What `reproduce` and `compare` share: checking a run's inputs before it starts, and reading what a
-`mit fit --test_after_fit true` run left in its directory."""
+"""What `reproduce` and `compare` share: their command lines, checking a run's inputs before it starts, and
+reading what a `mit fit --test_after_fit true` run left in its directory."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from mit_lightning.errors import UserError
 
@@ -36,3 +37,19 @@ def missing_inputs(config) -> list[str]:
         except UserError as error:
             problems.append(str(error))
     return problems
+
+
+def split_at_dashes(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The command's own arguments, and those after `--` (given to every `mit fit` it runs)."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def problems_by_message(problems: Iterable[tuple[str, str]]) -> list[str]:
+    """(run name, problem) pairs as one line per problem, naming every run it stops: "a, b: problem"."""
+    names: dict[str, list[str]] = {}
+    for name, problem in problems:
+        names.setdefault(problem, []).append(name)
+    return [f"{', '.join(runs)}: {problem}" for problem, runs in names.items()]

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from mit_lightning.errors import UserError
-from mit_lightning.experiments import RESULTS_FILE, find_results, missing_inputs
+from mit_lightning.experiments import RESULTS_FILE, find_results, missing_inputs, problems_by_message, split_at_dashes
 from mit_lightning.paper_tables import Column, Experiment, Table, paper_tables
 
 
@@ -35,7 +35,7 @@ def preflight(table: Table, extra: list[str]) -> list[str]:
     """Check every experiment's LLM, CLIP weights and data (no weights are loaded); list what is missing."""
     from mit_lightning.cli import parse_run_config
 
-    problems: dict[str, list[str]] = {}  # message → experiments it concerns
+    problems: list[tuple[str, str]] = []
     for experiment in table.experiments:
         absent = [config for config in experiment.configs if not Path(config).is_file()]
         if absent:
@@ -45,9 +45,8 @@ def preflight(table: Table, extra: list[str]) -> list[str]:
                 found = missing_inputs(parse_run_config([*experiment.config_args(), *extra]))
             except UserError as error:
                 found = [str(error)]
-        for problem in found:
-            problems.setdefault(problem, []).append(experiment.name)
-    return [f"{', '.join(names)}: {problem}" for problem, names in problems.items()]
+        problems += [(experiment.name, problem) for problem in found]
+    return problems_by_message(problems)
 
 
 def train_and_test(experiment: Experiment, root: Path, extra: list[str]) -> dict[str, float]:
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(argv: list[str]) -> None:
     tables = paper_tables()
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="mit reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=sorted(tables))

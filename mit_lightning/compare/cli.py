@@ -19,7 +19,7 @@ from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.table import Row, markdown, write_csv
 from mit_lightning.errors import UserError
-from mit_lightning.experiments import find_results, missing_inputs
+from mit_lightning.experiments import find_results, missing_inputs, problems_by_message, split_at_dashes
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
@@ -110,10 +110,7 @@ def plan(chosen: Sequence[str] | None, folder: Path, configs: Sequence[str], bud
                                        f"{strategy.starts_from} to --strategies")
     strategies = [strategy for strategy in strategies if strategy.name not in problems]
     if problems and (chosen or not strategies):
-        by_problem: dict[str, list[str]] = {}
-        for name, problem in problems.items():
-            by_problem.setdefault(problem, []).append(name)
-        listed = "\n  - ".join(f"{', '.join(names)}: {problem}" for problem, names in by_problem.items())
+        listed = "\n  - ".join(problems_by_message(problems.items()))
         raise UserError(f"Nothing was started; these strategies cannot run:\n  - {listed}")
     for name, problem in problems.items():
         print(f"Leaving out {name}: {problem}", file=sys.stderr)
@@ -209,9 +206,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_at_dashes(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(own)
     configs = args.config or [DEFAULT_CONFIG]
     budget = ["--trainer.max_epochs", str(args.epochs)]
     budget += ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
