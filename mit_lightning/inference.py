@@ -259,14 +259,18 @@ class SharedBackbones:
         hooks, no weights move."""
         if self.active is module:
             return
-        if self.active is not None:
-            self.active.detach_from_llm()
-        self.active = None
+        self._deactivate()
         module.attach_to_llm()
         self.active = module
 
+    def _deactivate(self) -> None:
+        """Take the installed model's hooks out of the LLM, leaving it as loaded."""
+        if self.active is not None:
+            self.active.detach_from_llm()
+        self.active = None
+
     def build(self, module: MiTModule, adapter: Adapter, name: str, shared: bool) -> None:
-        """Build `module` on these backbones (loading them with the first one). With `shared`, its fusion is
+        """Build `module` on these backbones (loading them with the first one). With `shared`, its hooks are
         taken out again at once, and must leave the LLM as loaded."""
         if self.llm is None:
             self.llm = FrozenLLM(module.llm_config)
@@ -276,16 +280,13 @@ class SharedBackbones:
             self.vision = self.vision or FrozenCLIP(module.vision_config)
             _check_same_settings(self.vision.config, module.vision_config, "vision tower", name)
             vision = self.vision
-        if self.active is not None:
-            self.active.detach_from_llm()
-            self.active = None
+        self._deactivate()
         before = llm_signature(self.llm)
         module.build(adapter.data_spec, llm=self.llm, vision=vision)  # installs its fusion (and task token)
         self.active = module
         if not shared:
             return
-        module.detach_from_llm()
-        self.active = None
+        self._deactivate()
         if llm_signature(self.llm) != before:
             raise UserError(
                 f"'{name}' uses {type(module.fusion).__name__}, which changes the frozen LLM itself (its layers, weights "
