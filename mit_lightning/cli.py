@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 from mit_lightning.checkpoints import load_weights_file
-from mit_lightning.config_safety import check_stored_config
+from mit_lightning.config_safety import check_stored_config, option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
@@ -263,15 +263,6 @@ def _summary(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _option_value(args: Sequence[str], option: str) -> str | None:
-    for position, arg in enumerate(args):
-        if arg == option and position + 1 < len(args):
-            return args[position + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def with_checkpoint_config(args: list[str]) -> list[str]:
     """`mit test --ckpt_path X ...` → `mit test --config <X's run config> --ckpt_path X ...`.
 
@@ -279,7 +270,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     """
     if not args or args[0] not in EVALUATION_SUBCOMMANDS:
         return args
-    ckpt_path = _option_value(args, "--ckpt_path")
+    ckpt_path = next(option_values(args, "--ckpt_path"), None)
     if ckpt_path in (None, "best", "last", "hpc", "registry"):
         return args
     path = Path(ckpt_path).expanduser()

@@ -45,13 +45,19 @@ def _trusted(name: str) -> bool:
     return name.split(".", 1)[0] in TRUSTED_PACKAGES
 
 
+def option_values(args: Sequence[str], option: str) -> Iterator[str]:
+    """Each value given to `option` on a command line, as `--option value` or `--option=value`."""
+    for position, arg in enumerate(args):
+        if arg == option and position + 1 < len(args):
+            yield args[position + 1]
+        elif arg.startswith(option + "="):
+            yield arg.split("=", 1)[1]
+
+
 def user_given_text(args: Sequence[str]) -> str:
     """Everything the user wrote: the command line and the config files it names."""
     texts = list(args)
-    for position, arg in enumerate(args):
-        value = args[position + 1] if arg == "--config" and position + 1 < len(args) else None
-        if arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
+    for value in option_values(args, "--config"):
         if value and Path(value).is_file():
             texts.append(Path(value).read_text(errors="replace"))
     return "\n".join(texts)
