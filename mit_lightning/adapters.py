@@ -15,7 +15,6 @@ class path a file names is checked before anything is imported (`check_stored_co
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -25,12 +24,18 @@ from typing import Any, Sequence
 
 import torch
 
-from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, load_weights_file, unreadable_weights
-from mit_lightning.cli import CHECKPOINT_CONFIG_ENTRY
+from mit_lightning.checkpoints import (
+    BACKBONES_ENTRY,
+    DATA_SPEC_ENTRY,
+    WEIGHT_FILE_ERRORS,
+    load_weights_file,
+    stored_run_config,
+    unreadable_weights,
+)
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError, user_error_in
-from mit_lightning.module import BACKBONES_ENTRY, DATA_SPEC_ENTRY
+from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
 EXPORT_WEIGHTS = "adapter.safetensors"
@@ -76,26 +81,8 @@ class Adapter:
 
     @property
     def task(self) -> str | None:
-        """The head's task (segmentation, classification, sentiment), read from its class (a checked path)."""
-        module, _, name = str((self.model.get("head") or {}).get("class_path", "")).rpartition(".")
-        try:
-            return getattr(getattr(importlib.import_module(module), name), "task", None)
-        except (ImportError, AttributeError, ValueError):
-            return None
-
-
-def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
-    """A checkpoint or export path as given, or ``best`` / ``last`` of the newest run of the `configs`
-    (the --config files the run was trained with)."""
-    if ckpt_path not in ("best", "last"):
-        return Path(ckpt_path).expanduser()
-    if not configs:
-        raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
-    from mit_lightning.cli import parse_run_config
-    from mit_lightning.resume import resolve_ckpt_path
-
-    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
-    return resolve_ckpt_path("test", ckpt_path, trainer)
+        """The head's task (segmentation, classification, sentiment), read from its registered class."""
+        return getattr(registered_class((self.model.get("head") or {}).get("class_path")), "task", None)
 
 
 def read_adapter(path: str | os.PathLike, user_args: Sequence[str] = ()) -> Adapter:
@@ -112,11 +99,10 @@ def read_adapter(path: str | os.PathLike, user_args: Sequence[str] = ()) -> Adap
 
 def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     checkpoint = load_weights_file(path)
-    stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY) if isinstance(checkpoint, dict) else None
+    stored = stored_run_config(checkpoint, path, user_args)
     if not stored or "model" not in stored or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' holds no trained MiT model with its run config: use a checkpoint written by "
                         "`mit fit`.")
-    check_stored_config(stored, path, user_args)
     spec = checkpoint.get(DATA_SPEC_ENTRY)
     return Adapter(
         source=path,
@@ -170,7 +156,7 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
     if config.get("version") != EXPORT_VERSION:
         raise UserError(f"'{config_path}' is version {config.get('version')} of the export format; this mit-lightning "
                         f"reads version {EXPORT_VERSION}. Export the checkpoint again with this version.")
-    check_stored_config({"model": config["model"]}, config_path, user_args)
+    check_stored_config({"model": config.get("model")}, config_path, user_args)
     return Adapter(
         source=folder,
         model=config["model"],

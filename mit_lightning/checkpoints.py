@@ -1,4 +1,12 @@
-"""Reading weight files safely: checkpoints, CLIP and LLM weights never run code, and never end in a traceback.
+"""The checkpoint format, and reading weight files safely: nothing in a file runs code or ends in a traceback.
+
+A `mit fit` checkpoint is Lightning's, plus three entries of this project's:
+
+- ``mit_config``: the run's config (``seed_everything``, ``trainer``, ``model``, ``data``), so that
+  ``mit test --ckpt_path X`` needs nothing else. It is *data*: `stored_run_config` checks it against
+  the closed class registry (`mit_lightning.config_safety`) before any parser sees it;
+- ``mit_backbones``: the frozen LLM and CLIP it was trained on (paths and fingerprints);
+- ``mit_data_spec``: what the data told the model (class names, feature sizes, prompt format).
 
 Every file goes through `torch.load(weights_only=True)` (tensors and plain data only). A file that is
 empty, truncated, not a torch file, or carries pickled objects is refused with one message naming it
@@ -10,13 +18,20 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
 
+from mit_lightning.config_safety import STORED_KEYS, check_stored_config
 from mit_lightning.errors import UserError
 
+#: the run's config (the parts `STORED_KEYS` that rebuild and evaluate its model)
+CONFIG_ENTRY = "mit_config"
+#: the frozen backbones' paths and fingerprints
+BACKBONES_ENTRY = "mit_backbones"
+#: the data's spec (class names, feature sizes, prompt format), for using the model on new inputs
+DATA_SPEC_ENTRY = "mit_data_spec"
 
 #: what torch, safetensors and the libraries calling them raise for a file that is not a complete weight file
 WEIGHT_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, SafetensorError)
@@ -55,3 +70,17 @@ def load_weights_file(path: str | Path, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (*WEIGHT_FILE_ERRORS, ValueError, OSError) as error:
         raise unreadable_weights(path, what, error) from None
+
+
+def stored_run_config(checkpoint: Any, source: str | Path, user_args: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The run config a checkpoint carries, checked as data (`check_stored_config`); None if it carries none.
+
+    `user_args`: the user's command line; the classes it and its --config files name are the user's to trust.
+    """
+    stored = checkpoint.get(CONFIG_ENTRY) if isinstance(checkpoint, dict) else None
+    return check_stored_config(stored, source, user_args) if stored else None
+
+
+def run_config_entry(full_config: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of a run's dumped config."""
+    return {key: full_config[key] for key in STORED_KEYS if key in full_config}

@@ -24,15 +24,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-# Testing a checkpoint in a new run directory: ModelCheckpoint's own state does not apply there.
-warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-# `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
-warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
-
-from mit_lightning.checkpoints import load_weights_file
-from mit_lightning.config_safety import check_stored_config, option_values
+from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_config_entry, stored_run_config
+from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
@@ -44,9 +37,6 @@ from mit_lightning.resume import (
     run_version,
 )
 
-#: the parts of a run's config that say how to rebuild and evaluate its model
-CHECKPOINT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")
-CHECKPOINT_CONFIG_ENTRY = "mit_config"
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
 #: commands beside LightningCLI's: name → (module whose `main(argv)` runs it, one-line summary for `mit --help`)
 OTHER_COMMANDS = {
@@ -75,8 +65,7 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        full = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
-        checkpoint[CHECKPOINT_CONFIG_ENTRY] = {key: full[key] for key in CHECKPOINT_CONFIG_KEYS if key in full}
+        checkpoint[CONFIG_ENTRY] = run_config_entry(yaml.safe_load(self.parser.dump(self.config, skip_unset=False)))
 
 
 class _KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -276,12 +265,21 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"Checkpoint not found: '{path}'. Give the path of a .ckpt file written by `mit fit`.")
-    checkpoint = load_weights_file(path)
-    stored = checkpoint.get(CHECKPOINT_CONFIG_ENTRY)
-    if not stored:
+    stored = stored_run_config(load_weights_file(path), path, args)
+    if stored is None:
         return args
-    check_stored_config(stored, path, args)
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
+
+
+def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
+    """A checkpoint or export path as given, or ``best`` / ``last`` of the newest run of the `configs`
+    (the --config files the run was trained with): how `mit serve` and `mit export` read --ckpt_path."""
+    if ckpt_path not in ("best", "last"):
+        return Path(ckpt_path).expanduser()
+    if not configs:
+        raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
+    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    return resolve_ckpt_path("test", ckpt_path, trainer)
 
 
 class _ParseOnly(MiTCLI):
@@ -311,7 +309,18 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
 SIGTERM_EXIT = 143
 
 
+def _quiet_known_warnings() -> None:
+    """Warnings a `mit` run would print every time, about choices made on purpose (the command, not the library)."""
+    # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    # Testing a checkpoint in a new run directory: ModelCheckpoint's own state does not apply there.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+
+
 def main() -> None:
+    _quiet_known_warnings()
     try:
         cli_main()
     except UserError as error:

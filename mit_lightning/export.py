@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence, get_args
 
-from mit_lightning.adapters import EXPORT_WEIGHTS, find_checkpoint, read_adapter, write_export
+from mit_lightning.adapters import EXPORT_WEIGHTS, read_adapter, write_export
+from mit_lightning.cli import find_checkpoint
 from mit_lightning.backbones.llm import DType, torch_dtype
 
 

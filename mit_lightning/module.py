@@ -25,8 +25,8 @@ from mit_lightning.backbones.lora import adapter_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
+from mit_lightning.checkpoints import BACKBONES_ENTRY, DATA_SPEC_ENTRY, load_weights_file
 from mit_lightning.data.base import DataSpec
-from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
@@ -34,10 +34,6 @@ from mit_lightning.heads.base import TaskHead
 
 log = logging.getLogger(__name__)
 
-#: the checkpoint entry recording which frozen backbones the weights were trained on
-BACKBONES_ENTRY = "mit_backbones"
-#: the checkpoint entry recording what the model knows of its data (classes, feature sizes, prompt format)
-DATA_SPEC_ENTRY = "mit_data_spec"
 #: submodules holding frozen weights: never trained, never saved
 FROZEN_SUBMODULES = ("llm", "vision")
 

@@ -22,7 +22,8 @@ from mit_lightning.cli import cli_main
 from mit_lightning.data.base import DataSpec, PromptFormat
 from mit_lightning.data.synthetic import COLOURS, shape_polygon
 from mit_lightning.inference import build_module
-from mit_lightning.module import BACKBONES_ENTRY, DATA_SPEC_ENTRY, is_trainable_key
+from mit_lightning.checkpoints import BACKBONES_ENTRY, DATA_SPEC_ENTRY
+from mit_lightning.module import is_trainable_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

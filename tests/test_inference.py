@@ -24,7 +24,7 @@ from mit_lightning.data.synthetic import SyntheticRefCOCODataModule
 from mit_lightning.errors import UserError
 from mit_lightning.fusion import TextOnly
 from mit_lightning.inference import InputError, InputTooLarge, load_adapters
-from mit_lightning.module import DATA_SPEC_ENTRY
+from mit_lightning.checkpoints import DATA_SPEC_ENTRY
 from mmsa_fixtures import write_mmsa
 
 

@@ -39,38 +39,12 @@ def workdir(tmp_path, monkeypatch):
     sys.modules.pop("evil_module", None)
 
 
-def crafted_checkpoint(path: Path, **entries) -> Path:
-    config = {"model": {"fusion": {"class_path": "evil_module.Evil"}, "head": {"class_path": "evil_module.Evil"}}}
-    torch.save({"state_dict": {}, "mit_config": config, **entries}, path)
-    return path
-
-
-def test_a_stored_config_naming_a_foreign_class_is_refused_before_import(workdir, monkeypatch, capsys):
-    checkpoint = crafted_checkpoint(workdir / "shared.ckpt")
-    error = fails_at_once(monkeypatch, capsys, "test", "--ckpt_path", str(checkpoint))
-    assert "evil_module.Evil" in error and "not loaded" in error
-    assert not (workdir / "IMPORTED").exists() and not (workdir / "INSTANTIATED").exists()
-
-
 def test_lightning_hyper_parameters_in_a_checkpoint_are_never_instantiated(workdir, monkeypatch, capsys):
     checkpoint = workdir / "hparams.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "evil_module.Evil"}}, checkpoint)
     fails_at_once(monkeypatch, capsys, "test", "--config", DEMO, "--ckpt_path", str(checkpoint),
                   "--model.llm.path", str(workdir / "no-llm"))
     assert not (workdir / "IMPORTED").exists()
-
-
-def test_a_class_the_user_names_is_theirs_to_trust(workdir):
-    from mit_lightning.config_safety import check_stored_config
-
-    stored = {"model": {"fusion": {"class_path": "evil_module.Evil"}}}
-    with pytest.raises(UserError):
-        check_stored_config(stored, workdir / "x.ckpt", ["test", "--ckpt_path", "x.ckpt"])
-    overlay = workdir / "mine.yaml"
-    overlay.write_text("model:\n  fusion:\n    class_path: evil_module.Evil\n")
-    check_stored_config(stored, workdir / "x.ckpt", ["test", "--config", str(overlay), "--ckpt_path", "x.ckpt"])
-    check_stored_config({"model": {"fusion": {"class_path": "mit_lightning.fusion.MiT"},
-                                   "optimizer": {"class_path": "torch.optim.AdamW"}}}, workdir / "x.ckpt", [])
 
 
 @pytest.mark.parametrize("kind, expected", [

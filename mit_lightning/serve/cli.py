@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from mit_lightning.adapters import find_checkpoint
+from mit_lightning.cli import find_checkpoint
 from mit_lightning.errors import UserError
 
 #: NAME=PATH gives an adapter its name (a URL-safe word)
