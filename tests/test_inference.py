@@ -235,3 +235,17 @@ def test_a_file_that_is_not_a_trained_model_is_one_clear_error(tmp_path):
         load_model(path)
     with pytest.raises(UserError, match="No checkpoint or export at"):
         load_model(tmp_path / "nothing.ckpt")
+
+
+def test_the_library_leaves_the_command_and_the_warning_filters_alone():
+    """`load_model` from a notebook imports no command-line code and changes no global warning filter."""
+    import subprocess
+    import sys
+
+    script = ("import sys, warnings; from mit_lightning import load_model; "
+              "import mit_lightning.adapters, mit_lightning.inference; "
+              "ours = [f for f in warnings.filters if f[1] is not None and any(p in f[1].pattern for p in "
+              "('eval mode', 'dirpath', 'LightningCLI'))]; "
+              "print('mit_lightning.cli' in sys.modules, len(ours))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "0"]
