@@ -29,6 +29,8 @@ from mit_lightning.checkpoints import (
     DATA_SPEC_ENTRY,
     WEIGHT_FILE_ERRORS,
     load_weights_file,
+    recorded_backbones,
+    recorded_data_spec,
     stored_run_config,
     unreadable_weights,
 )
@@ -107,8 +109,8 @@ def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=path,
         model=_usable(stored["model"]),
-        data_spec=DataSpec.from_record(spec) if spec else spec_from_data_config(stored.get("data"), path),
-        backbones=checkpoint.get(BACKBONES_ENTRY) or {},
+        data_spec=recorded_data_spec(spec, path) if spec else spec_from_data_config(stored.get("data"), path),
+        backbones=recorded_backbones(checkpoint, path) or {},
         weights=checkpoint["state_dict"],
         precision=(stored.get("trainer") or {}).get("precision"),
     )
@@ -160,8 +162,8 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=folder,
         model=config["model"],
-        data_spec=DataSpec.from_record(config["data_spec"]),
-        backbones=config.get("backbones") or {},
+        data_spec=recorded_data_spec(config.get("data_spec"), config_path),
+        backbones=recorded_backbones({BACKBONES_ENTRY: config.get("backbones")}, config_path) or {},
         weights=_load_safetensors(weights_path),
         precision=config.get("precision"),
     )

@@ -18,13 +18,16 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from safetensors import SafetensorError
 
 from mit_lightning.config_safety import STORED_KEYS, check_stored_config
 from mit_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    from mit_lightning.data.base import DataSpec
 
 #: the run's config (the parts `STORED_KEYS` that rebuild and evaluate its model)
 CONFIG_ENTRY = "mit_config"
@@ -84,3 +87,51 @@ def stored_run_config(checkpoint: Any, source: str | Path, user_args: Sequence[s
 def run_config_entry(full_config: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint keeps of a run's dumped config."""
     return {key: full_config[key] for key in STORED_KEYS if key in full_config}
+
+
+def recorded_backbones(checkpoint: dict[str, Any], source: str | Path) -> dict[str, Any] | None:
+    """The frozen backbones a checkpoint records (``{"llm": {"path", "fingerprint"}, "vision": ...}``), checked as
+    data; None if it records none."""
+    entry = checkpoint.get(BACKBONES_ENTRY)
+    if entry is None:
+        return None
+    parts_ok = isinstance(entry, dict) and all(
+        isinstance(part, str) and (value is None or (isinstance(value, dict) and isinstance(value.get("path"), (
+            str, type(None))))) for part, value in entry.items())
+    if not parts_ok:
+        raise UserError(f"'{source}' records its backbones ({BACKBONES_ENTRY}) in a form mit-lightning never writes; "
+                        "the file was altered. Use the checkpoint as `mit fit` wrote it.")
+    return entry
+
+
+def recorded_data_spec(record: Any, source: str | Path) -> "DataSpec":
+    """The data spec a checkpoint or export records (class names, feature sizes, prompt format), checked as data."""
+    from mit_lightning.data.base import DataSpec
+
+    try:
+        if not isinstance(record, dict):
+            raise TypeError(f"a {type(record).__name__}, not a mapping")
+        return DataSpec.from_record(record)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise UserError(f"'{source}' records its data spec in a form mit-lightning never writes ({error}); the file "
+                        "was altered. Use the file as mit-lightning wrote it.") from None
+
+
+def check_trainable_fit(saved: Any, expected: dict[str, torch.Tensor], source: str) -> None:
+    """Saved trainable weights must be exactly a model's (`expected`), key for key and shape for shape."""
+    if not isinstance(saved, dict) or not all(isinstance(value, torch.Tensor) for value in saved.values()):
+        raise UserError(f"{source} holds no trainable weights as mit-lightning writes them (a mapping of tensors).")
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", mismatched))
+            if keys
+        )
+        raise UserError(
+            f"{source} does not fit this model ({details}). It was trained with another model configuration: "
+            "evaluate it with the config stored in it (mit test --ckpt_path ... without changing model.*), or "
+            "start from it only with the same model.fusion, model.head and encoders."
+        )

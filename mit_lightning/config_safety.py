@@ -379,7 +379,10 @@ def check_stored_config(stored: Any, source: str | Path, user_args: Sequence[str
     Refuses in one line naming the key; imports nothing outside the registry and the user's own classes.
     """
     try:
-        _walk(_Checker(user_named(user_args)), stored)
+        try:
+            _walk(_Checker(user_named(user_args)), stored)
+        except RecursionError:
+            raise _Refusal("(top level)", "nests deeper than any run config (or refers to itself)") from None
     except _Refusal as refusal:
         raise RefusedConfig(
             f"The run config stored in '{source}' was not used: {refusal.key} {refusal.reason}. Nothing it names was "

@@ -25,7 +25,13 @@ from mit_lightning.backbones.lora import adapter_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
-from mit_lightning.checkpoints import BACKBONES_ENTRY, DATA_SPEC_ENTRY, load_weights_file
+from mit_lightning.checkpoints import (
+    BACKBONES_ENTRY,
+    DATA_SPEC_ENTRY,
+    check_trainable_fit,
+    load_weights_file,
+    recorded_backbones,
+)
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
@@ -449,26 +455,13 @@ class MiTModule(L.LightningModule):
 
     def _check_backbones(self, checkpoint: dict[str, Any], source: str) -> None:
         """Trained on the backbones loaded now (unless allow_other_backbones)."""
-        if BACKBONES_ENTRY in checkpoint and not self.allow_other_backbones:
-            check_same_backbones(checkpoint[BACKBONES_ENTRY], self.backbones, source)
+        recorded = recorded_backbones(checkpoint, source)
+        if recorded is not None and not self.allow_other_backbones:
+            check_same_backbones(recorded, self.backbones, source)
 
     def _check_fits(self, saved: dict[str, torch.Tensor], source: str) -> None:
         """The saved trainable weights must be exactly this model's, key for key and shape for shape."""
-        expected = self.trainable_state()
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        mismatched = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
-        if missing or unexpected or mismatched:
-            details = "; ".join(
-                f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", mismatched))
-                if keys
-            )
-            raise UserError(
-                f"{source} does not fit this model ({details}). It was trained with another model configuration: "
-                "evaluate it with the config stored in it (mit test --ckpt_path ... without changing model.*), or "
-                "start from it only with the same model.fusion, model.head and encoders."
-            )
+        check_trainable_fit(saved, self.trainable_state(), source)
 
 
 def _flatten(results: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -255,3 +255,32 @@ def test_every_configurable_class_of_the_project_is_registered():
                     and not value.__name__.startswith("_") and value not in shared_bases
                     and value.__module__ != "mit_lightning.cli"):
                 assert value in registered, f"{value.__module__}.{value.__qualname__} is not in mit_lightning.registry"
+
+
+def test_a_stored_config_that_refers_to_itself_is_refused_in_one_line(demo_stored, hostile_folder):
+    loop: list = []
+    loop.append(loop)  # pickles (and so checkpoints) can hold such a list
+    crafted = with_value(demo_stored, "trainer.logger.init_args.comment", loop)
+    with pytest.raises(RefusedConfig, match="refers to itself"):
+        check_stored_config(crafted, "crafted.ckpt")
+
+
+@pytest.mark.parametrize("entry, value, expected", [
+    ("mit_data_spec", "evil.yaml", "data spec"),
+    ("mit_data_spec", {"prompt": "not a mapping"}, "data spec"),
+    ("mit_data_spec", {"sequence_dims": {"audio": "many"}}, "data spec"),
+    ("mit_backbones", ["evil"], "backbones"),
+    ("mit_backbones", {"llm": {"path": {"class_path": EVIL}}}, "backbones"),
+])
+def test_altered_format_entries_end_in_one_line(demo_run, hostile_folder, entry, value, expected):
+    from mit_lightning import load_model
+    from mit_lightning.errors import UserError
+
+    checkpoint = torch.load(demo_run.checkpoint, weights_only=True)
+    checkpoint[entry] = value
+    path = hostile_folder / "altered.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=expected) as error:
+        load_model(path)
+    assert "\n" not in str(error.value) and "altered.ckpt" in str(error.value)
+    assert_nothing_ran(hostile_folder)
