@@ -284,3 +284,13 @@ def test_altered_format_entries_end_in_one_line(demo_run, hostile_folder, entry,
         load_model(path)
     assert "\n" not in str(error.value) and "altered.ckpt" in str(error.value)
     assert_nothing_ran(hostile_folder)
+
+
+def test_the_attention_kernel_is_a_choice_so_a_config_cannot_name_one_to_fetch(demo_stored):
+    from mit_lightning.backbones.llm import LLMConfig
+    from mit_lightning.errors import UserError
+
+    with pytest.raises(RefusedConfig, match="model.llm.attention"):
+        check_stored_config(with_value(demo_stored, "model.llm.attention", "kernels-community/flash-attn"), "x.ckpt")
+    with pytest.raises(UserError, match="model.llm.attention"):
+        LLMConfig(path="tiny", attention="kernels-community/flash-attn")

@@ -32,6 +32,10 @@ def torch_dtype(name: DType) -> torch.dtype:
     return getattr(torch, name)
 
 
+#: transformers' built-in attention implementations
+Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
 @dataclass
 class LLMConfig:
     """Which LLM to load and how.
@@ -41,7 +45,8 @@ class LLMConfig:
             built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2 (tests, demo),
             random-llama-2-7b, random-llama-2-13b, random-llama-16x1024 (benchmarks).
         dtype: dtype of the frozen weights (bfloat16 in the paper).
-        attention: the attention kernel the infused layers keep using: sdpa, flash_attention_2, eager, ...
+        attention: the attention kernel the infused layers keep using (transformers' implementations; a choice,
+            so a config can never name a kernel to fetch from elsewhere).
         padding_side: where the tokenizer pads; the last-token feature is correct for both.
         max_text_tokens: prompts longer than this are cut from the left (the task suffix is kept).
         seed: seed of a preset's random weights (frozen weights are rebuilt, not saved).
@@ -52,11 +57,14 @@ class LLMConfig:
 
     path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
     dtype: DType = "bfloat16"
-    attention: str = "sdpa"
+    attention: Attention = "sdpa"
     padding_side: Literal["left", "right"] = "right"
     max_text_tokens: int = 128
     seed: int = 0
     activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("model.llm.attention", self.attention, Attention)
 
     @property
     def preset(self) -> str | None:
