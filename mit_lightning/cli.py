@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -319,6 +320,13 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
+def _close_process_group() -> None:
+    """End a distributed run's process group before the interpreter exits: left to interpreter teardown, gloo's
+    threads are destroyed while joinable and the C++ runtime aborts the process (SIGABRT) after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     _quiet_known_warnings()
     try:
@@ -328,3 +336,5 @@ def main() -> None:
         raise SystemExit(2) from None
     except SIGTERMException:
         raise SystemExit(SIGTERM_EXIT) from None
+    finally:
+        _close_process_group()
