@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.mit-lightning-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test bench compare reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6 clean-demo
+.PHONY: install demo serve test bench compare clean-demo
 
 install: $(INSTALLED)
 
@@ -36,23 +36,9 @@ bench: $(INSTALLED)
 compare: $(INSTALLED)
 	$(BIN)/mit compare
 
-reproduce-table1: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table1
-
-reproduce-table2: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table2
-
-reproduce-table3: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table3
-
-reproduce-table4: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table4
-
-reproduce-table5: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table5
-
-reproduce-table6: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table6
+# make reproduce-table1 … reproduce-table6 (a pattern rule: a phony target would skip it)
+reproduce-table%: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table$*
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -80,7 +80,7 @@ class MiTArgumentParser(LightningArgumentParser):
         if "arguments are required" in message and ("model.head" in message or ".data" in message):
             message += (
                 ". Give a task config first (e.g. --config configs/demo.yaml or configs/refcoco.yaml); overlays "
-                "such as configs/refcoco+.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
+                "such as configs/datasets/*.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
             )
         return super().error(message, ex)
 

@@ -169,6 +169,6 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
 
 
 def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeypatch, capsys):
-    overlay = str(Path(DEMO).parent / "refcoco+.yaml")
+    overlay = str(Path(DEMO).parent / "datasets" / "refcoco+.yaml")
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", overlay)
-    assert "model.head" in error and "Give a task config first" in error and "configs/refcoco+.yaml" in error
+    assert "model.head" in error and "Give a task config first" in error and "configs/datasets/*.yaml" in error

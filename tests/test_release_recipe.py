@@ -21,7 +21,7 @@ RELEASE_PROMPT = (
 )
 
 
-@pytest.mark.parametrize("dataset_overlay", [[], ["refcoco+.yaml"], ["refcocog.yaml"]])
+@pytest.mark.parametrize("dataset_overlay", [[], ["datasets/refcoco+.yaml"], ["datasets/refcocog.yaml"]])
 def test_the_overlay_gives_the_release_set_up_on_every_paper_config(dataset_overlay: list[str]):
     configs = ["refcoco.yaml", *dataset_overlay]
     config = parse_run_config([*(arg for name in configs for arg in ("--config", str(REPO / "configs" / name))),

@@ -53,11 +53,11 @@ def test_the_shipped_file_holds_the_papers_numbers_and_the_runs_behind_our_rows(
     assert list(TABLES) == [f"table{n}" for n in range(1, 7)]
     runs = {name: [(e.name, e.configs, e.row) for e in table.experiments] for name, table in TABLES.items()}
     assert runs["table1"] == [("refcoco", ("configs/refcoco.yaml",), None),
-                              ("refcoco+", ("configs/refcoco.yaml", "configs/refcoco+.yaml"), None),
-                              ("refcocog", ("configs/refcoco.yaml", "configs/refcocog.yaml"), None)]
+                              ("refcoco+", ("configs/refcoco.yaml", "configs/datasets/refcoco+.yaml"), None),
+                              ("refcocog", ("configs/refcoco.yaml", "configs/datasets/refcocog.yaml"), None)]
     assert runs["table2"] == [("food101", ("configs/food101.yaml",), None), ("snli_ve", ("configs/snli_ve.yaml",), None)]
     assert runs["table3"] == [("mosi", ("configs/mosi.yaml",), "MOSI — MiT (ours)"),
-                              ("mosei", ("configs/mosei.yaml",), "MOSEI — MiT (ours)")]
+                              ("mosei", ("configs/mosi.yaml", "configs/datasets/mosei.yaml"), "MOSEI — MiT (ours)")]
     assert [name for name, _, _ in runs["table4"]] == [
         "refcoco_no_infusion", "refcoco_ffn_only", "refcoco_no_ffn", "refcoco_no_rescale", "refcoco",
         "refcoco_clip_b16_224", "refcoco_clip_l14_224", "refcoco_task_token"]
