@@ -28,6 +28,7 @@ from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_confi
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.metrics.names import metric_of, split_of
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
@@ -244,9 +245,8 @@ def continue_run_folder(trainer_config, ckpt_path: Path) -> None:
 
 def _summary(results: dict[str, float]) -> str:
     lines = ["Test results:"]
-    splits = sorted({name.split("/")[1] for name in results if name.count("/") >= 2})
-    for split in splits:
-        metrics = {name.split("/", 2)[2]: value for name, value in results.items() if name.startswith(f"test/{split}/")}
+    for split in sorted({split_of(name) for name in results} - {None}):
+        metrics = {metric_of(name): value for name, value in results.items() if split_of(name) == split}
         shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
         lines.append(f"  {split}: {shown}")
     return "\n".join(lines)
