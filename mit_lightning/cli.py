@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import tempfile
 import warnings
@@ -317,6 +318,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # Lightning's own use of a torch API torch deprecated; nothing a user of `mit` can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger(LIGHTNING_INFO_LOGGER).addFilter(_no_advertisements)
+
+
+#: the logger Lightning's rank-zero messages come from
+LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+def _no_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning's suggestions to install its cloud services ("💡 Tip: ...") are not printed."""
+    return not record.getMessage().startswith("💡 Tip")
 
 
 def main() -> None:

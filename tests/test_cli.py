@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,25 @@ def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeyp
     overlay = str(Path(DEMO).parent / "refcoco+.yaml")
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", overlay)
     assert "model.head" in error and "Give a task config first" in error and "configs/refcoco+.yaml" in error
+
+
+def test_the_command_prints_no_lightning_advertisement_nor_its_torch_deprecation(caplog):
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from mit_lightning.cli import LIGHTNING_INFO_LOGGER, _no_advertisements, _quiet_known_warnings
+
+    lightning_log = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_known_warnings()
+        try:
+            with caplog.at_level(logging.INFO):
+                rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/)")
+                rank_zero_info("Trainable parameters: 1 of 2")
+            from torch.utils._pytree import LeafSpec
+
+            LeafSpec()  # as Lightning's _pytree does at every step
+        finally:
+            lightning_log.removeFilter(_no_advertisements)
+    assert [record.getMessage() for record in caplog.records] == ["Trainable parameters: 1 of 2"]
+    assert not [warning for warning in caught if "LeafSpec" in str(warning.message)]
