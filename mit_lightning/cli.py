@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_confi
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.metrics.names import metric_of, split_of
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
@@ -245,9 +247,8 @@ def continue_run_folder(trainer_config, ckpt_path: Path) -> None:
 
 def _summary(results: dict[str, float]) -> str:
     lines = ["Test results:"]
-    splits = sorted({name.split("/")[1] for name in results if name.count("/") >= 2})
-    for split in splits:
-        metrics = {name.split("/", 2)[2]: value for name, value in results.items() if name.startswith(f"test/{split}/")}
+    for split in sorted({split_of(name) for name in results} - {None}):
+        metrics = {metric_of(name): value for name, value in results.items() if split_of(name) == split}
         shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
         lines.append(f"  {split}: {shown}")
     return "\n".join(lines)
@@ -318,6 +319,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # Lightning's own use of a torch API torch deprecated; nothing a user of `mit` can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger(LIGHTNING_INFO_LOGGER).addFilter(_no_advertisements)
+
+
+#: the logger Lightning's rank-zero messages come from
+LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+def _no_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning's suggestions to install its cloud services ("💡 Tip: ...") are not printed."""
+    return not record.getMessage().startswith("💡 Tip")
 
 
 def _close_process_group() -> None:

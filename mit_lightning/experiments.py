@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mit_lightning.errors import UserError
+from mit_lightning.metrics.names import current_names
 
 RESULTS_FILE = "test_metrics.json"
 
 
 def find_results(directory: Path, name: str = RESULTS_FILE) -> dict | None:
-    """The newest `name` (JSON) written under a run directory, if any."""
+    """The newest `name` (JSON) written under a run directory, if any; test metrics by their current names, so
+    results written before a rename are still reused."""
     candidates = sorted(directory.rglob(name), key=lambda path: path.stat().st_mtime)
-    return json.loads(candidates[-1].read_text()) if candidates else None
+    if not candidates:
+        return None
+    results = json.loads(candidates[-1].read_text())
+    return current_names(results) if name == RESULTS_FILE else results
 
 
 def missing_inputs(config) -> list[str]:

@@ -51,7 +51,7 @@ def test_every_strategy_trains_and_the_table_is_written_as_markdown_and_csv(comp
         rows = {row["strategy"]: row for row in csv.DictReader(file)}
     assert list(rows) == ["mit", "late_addition"]
     for name, row in rows.items():
-        assert row["problem"] == "" and 0 <= float(row["test/test/oIoU"]) <= 1
+        assert row["problem"] == "" and 0 <= float(row["test/oIoU"]) <= 1
         assert float(row["step_ms"]) > 0 and int(row["steps_timed"]) >= 1
         # the count is what the run trained: a checkpoint holds exactly the trainable weights
         checkpoint = next((comparison / name).rglob("last.ckpt"))

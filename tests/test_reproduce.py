@@ -16,6 +16,7 @@ from classification_fixtures import write_food101, write_snli_ve
 from mit_lightning import reproduce
 from mit_lightning.cli import parse_run_config
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
+from mit_lightning.metrics.names import metric_name, metric_of, split_of
 from mit_lightning.errors import UserError
 from mit_lightning.paper_tables import PAPER_TABLES, Experiment, load_tables, paper_tables
 from mit_lightning.reproduce import find_results, format_table
@@ -81,7 +82,7 @@ def test_a_tables_file_of_ones_own_prints_like_the_shipped_ones(tmp_path: Path):
     path = tmp_path / "tables.yaml"
     path.write_text(textwrap.dedent("""\
         experiments:
-          run: {configs: [a.yaml, b.yaml], columns: {Acc: test/test/accuracy, Loss: test/test/loss}}
+          run: {configs: [a.yaml, b.yaml], columns: {Acc: test/accuracy, Loss: test/loss}}
         tables:
           mine:
             title: Mine
@@ -92,7 +93,7 @@ def test_a_tables_file_of_ones_own_prints_like_the_shipped_ones(tmp_path: Path):
         """), encoding="utf-8")
     table = load_tables(path)["mine"]
     assert table.experiments[0].config_args() == ["--config", "a.yaml", "--config", "b.yaml"]
-    rows = rows_of(format_table(table, {"run": {"test/test/accuracy": 0.9, "test/test/loss": 0.12345}}))
+    rows = rows_of(format_table(table, {"run": {"test/accuracy": 0.9, "test/loss": 0.12345}}))
     assert rows == {"theirs": ["91.0", "—"], "ours": ["90.0", "0.123"]}
 
 
@@ -108,7 +109,7 @@ MALFORMED = {
                               "tables.table2.paper.rows.MMBT[1]: expected a number, got 'n/a'"),
     "a misspelt experiment": (("- {name: refcoco_no_ffn, row:", "- {name: refcoco_no_fnn, row:"),
                               "tables.table4.experiments[2].name: no experiment 'refcoco_no_fnn'"),
-    "a cell for a column the table lacks": (("      F1 has0: test/test/F1_has0", "      F1 zero: test/test/F1_has0"),
+    "a cell for a column the table lacks": (("      F1 has0: test/F1_has0", "      F1 zero: test/F1_has0"),
                                             "tables.table3: cells for columns the table does not have: ['F1 zero'] (its columns: ['Acc-2',"),
     "a misspelt field": (("    notes:\n      - The paper's Table 2", "    note:\n      - The paper's Table 2"),
                          "tables.table2: unknown note (fields: title, columns, experiments, paper, ours_label "
@@ -162,9 +163,10 @@ def test_every_column_reads_a_metric_its_config_produces(name: str):
         config = parsed(experiment)
         produced = HEAD_METRICS[config.model.head.class_path]
         for label, metric in experiment.columns.items():
-            stage, split, metric_name = metric.split("/")
-            assert stage == "test" and metric_name in produced, f"{experiment.name}: {label} → {metric}"
+            split = split_of(metric)
+            assert metric.startswith("test/") and metric_of(metric) in produced, f"{experiment.name}: {label} → {metric}"
             assert split in config.data.init_args.test_splits, f"{experiment.name}: {split} is not tested"
+            assert metric == metric_name("test", split, metric_of(metric)), f"{experiment.name}: {metric} is misspelt"
 
 
 def test_table6_rows_differ_only_in_the_modalities_and_the_fusion():
@@ -240,7 +242,7 @@ def rows_of(text: str) -> dict[str, list[str]]:
 
 
 def test_table2_prints_the_paper_beside_ours_in_percent():
-    ours = {"food101": {"test/test/accuracy": 0.912345, "test/test/macro_f1": 0.9}}
+    ours = {"food101": {"test/accuracy": 0.912345, "test/macro_f1": 0.9}}
     rows = rows_of(format_table(TABLES["table2"], ours))
     assert rows["MMBT"] == ["92.10", "74.69", "—", "—"]
     assert rows["MiT (paper, LLaMA2-7B)"] == ["93.88", "74.71", "—", "—"]
@@ -251,7 +253,7 @@ def test_table2_prints_the_paper_beside_ours_in_percent():
 def sentiment_results(scale: float) -> dict[str, float]:
     values = {"MAE": 0.7123, "Corr": 0.8, "Acc7": 0.45, "Acc5": 0.5, "Acc2_has0": 0.851, "F1_has0": 0.849,
               "Acc2_non0": 0.862, "F1_non0": 0.8615}
-    return {f"test/test/{name}": value * scale for name, value in values.items()}
+    return {f"test/{name}": value * scale for name, value in values.items()}
 
 
 def test_table3_labels_both_acc2_conventions_and_keeps_regression_scores_unscaled():
@@ -290,9 +292,14 @@ def write_results(directory: Path, results: dict[str, float], mtime: float | Non
 
 def test_find_results_takes_the_newest_run_and_none_when_nothing_ran(tmp_path: Path):
     assert find_results(tmp_path / "nothing") is None
-    write_results(tmp_path / "tensorboard" / "version_1", {"test/test/accuracy": 0.1}, mtime=1_000)
-    write_results(tmp_path / "tensorboard" / "version_0", {"test/test/accuracy": 0.9}, mtime=2_000)
-    assert find_results(tmp_path) == {"test/test/accuracy": 0.9}
+    write_results(tmp_path / "tensorboard" / "version_1", {"test/accuracy": 0.1}, mtime=1_000)
+    write_results(tmp_path / "tensorboard" / "version_0", {"test/accuracy": 0.9}, mtime=2_000)
+    assert find_results(tmp_path) == {"test/accuracy": 0.9}
+
+
+def test_results_written_under_the_earlier_doubled_names_are_read_by_the_current_ones(tmp_path: Path):
+    write_results(tmp_path, {"test/test/accuracy": 0.9, "test/testA/oIoU": 0.5, "test/val/oIoU": 0.4})
+    assert find_results(tmp_path) == {"test/accuracy": 0.9, "test/testA/oIoU": 0.5, "test/val/oIoU": 0.4}
 
 
 @pytest.fixture

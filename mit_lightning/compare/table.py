@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from mit_lightning.metrics.names import metric_name, split_of
+
 
 @dataclass
 class Row:
@@ -20,12 +22,12 @@ class Row:
 
 def metric_columns(rows: Sequence[Row], metrics: Sequence[str]) -> list[tuple[str, str]]:
     """(label, key of test_metrics.json) for each summary metric on each test split the runs reported."""
-    splits = sorted({key.split("/")[1] for row in rows for key in row.metrics if key.count("/") == 2})
+    splits = sorted({split_of(key) for row in rows for key in row.metrics} - {None})
     return [
-        (metric if len(splits) == 1 else f"{metric} {split}", f"test/{split}/{metric}")
+        (metric if len(splits) == 1 else f"{metric} {split}", metric_name("test", split, metric))
         for split in splits
         for metric in metrics
-        if any(f"test/{split}/{metric}" in row.metrics for row in rows)
+        if any(metric_name("test", split, metric) in row.metrics for row in rows)
     ]
 
 
