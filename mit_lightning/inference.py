@@ -43,6 +43,7 @@ from mit_lightning.adapters import Adapter, read_adapter
 from mit_lightning.backbones.fingerprint import check_same_backbones
 from mit_lightning.backbones.llm import FrozenLLM
 from mit_lightning.backbones.vision import FrozenCLIP
+from mit_lightning.compiling import Compile
 from mit_lightning.data.base import collate
 from mit_lightning.data.images import DECODE_ERRORS, ImageTooLarge, load_rgb, to_square_tensor
 from mit_lightning.errors import UserError, user_error_in
@@ -303,9 +304,11 @@ def _check_same_settings(loaded: Any, wanted: Any, what: str, name: str) -> None
                         f"before it: {', '.join(differing)}. Serve it in a `mit serve` of its own.")
 
 
-def build_module(adapter: Adapter, llm_path: str | None = None, clip_weights: str | None = None) -> MiTModule:
+def build_module(adapter: Adapter, llm_path: str | None = None, clip_weights: str | None = None,
+                 compile: Compile | None = None) -> MiTModule:
     """The module an adapter was trained as (nothing loaded yet), from its model config; the backbones'
-    locations can be replaced (the same files elsewhere: their fingerprints are checked on loading)."""
+    locations can be replaced (the same files elsewhere: their fingerprints are checked on loading), and
+    `compile` replaces how it was compiled (`model.compile`)."""
     from jsonargparse import ArgumentParser
     from jsonargparse import ArgumentError
 
@@ -314,6 +317,8 @@ def build_module(adapter: Adapter, llm_path: str | None = None, clip_weights: st
         model["llm"] = {**(model.get("llm") or {}), "path": str(llm_path)}
     if clip_weights is not None and model.get("vision"):
         model["vision"]["weights"] = str(clip_weights)
+    if compile is not None:
+        model["compile"] = compile
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(MiTModule, "model", fail_untyped=False, sub_configs=True)
     try:
@@ -343,13 +348,15 @@ def load_adapters(
     llm_path: str | None = None,
     clip_weights: str | None = None,
     allow_other_backbones: bool = False,
+    compile: Compile | None = None,
     user_args: Sequence[str] = (),
 ) -> dict[str, Predictor]:
     """Load checkpoints or exports as adapters on one LLM (and CLIP), by name.
 
     A source is a path, an `Adapter`, or a (name, path) pair. `llm_path` / `clip_weights` replace where
     the backbones are read from; a model trained on other backbones (by fingerprint) is refused unless
-    `allow_other_backbones`. `user_args`: the user's command line, whose class names stored configs may use.
+    `allow_other_backbones`. `compile` compiles the models (`model.compile`: "default", "reduce-overhead", ...)
+    whatever they were trained with; None keeps their setting. `user_args`: the user's command line, whose class names stored configs may use.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbones = SharedBackbones()
@@ -358,7 +365,7 @@ def load_adapters(
         wanted, source = source if isinstance(source, tuple) else (None, source)
         adapter = source if isinstance(source, Adapter) else read_adapter(source, user_args)
         name = _unique_name(wanted or adapter.name, predictors)
-        module = build_module(adapter, llm_path, clip_weights)
+        module = build_module(adapter, llm_path, clip_weights, compile)
         backbones.build(module, adapter, name, shared=len(sources) > 1)
         if module.head.task not in RESULTS:
             raise UserError(f"'{name}' has a {type(module.head).__name__} head, which has no use on new inputs yet "
