@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import logging
 import sys
@@ -30,6 +32,7 @@ from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_confi
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.experiments import config_args
 from mit_lightning.metrics.names import metric_of, split_of
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
@@ -280,7 +283,7 @@ def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
         return Path(ckpt_path).expanduser()
     if not configs:
         raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
-    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    trainer = parse_run_config(config_args(configs)).trainer
     return resolve_ckpt_path("test", ckpt_path, trainer)
 
 
@@ -293,8 +296,17 @@ class _ParseOnly(MiTCLI):
 
 
 def parse_run_config(args: Sequence[str]):
-    """The config a `mit fit` with these arguments would run, without building anything."""
-    return _ParseOnly(args=list(args), run=False).config
+    """The config a `mit fit` with these arguments would run, without building anything.
+
+    A config the parser rejects is a UserError carrying the parser's one-line message (the parser itself
+    prints usage and exits, which suits a command line but not a caller checking many runs)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return _ParseOnly(args=list(args), run=False).config
+    except SystemExit:
+        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
+        raise UserError(" ".join(message.split())) from None
 
 
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:

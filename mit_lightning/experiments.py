@@ -44,6 +44,11 @@ def missing_inputs(config) -> list[str]:
     return problems
 
 
+def config_args(configs: Iterable[str | Path]) -> list[str]:
+    """`--config A --config B ...`: config files applied in order (a task config, then overlays)."""
+    return [arg for config in configs for arg in ("--config", str(config))]
+
+
 def split_at_dashes(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """The command's own arguments, and those after `--` (given to every `mit fit` it runs)."""
     argv = list(argv)

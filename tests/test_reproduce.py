@@ -382,3 +382,14 @@ def test_preflight_names_only_what_is_missing(available_inputs: Path, monkeypatc
         reproduce.main(["table3", "--runs", str(available_inputs / "runs")])
     problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and problems[0].startswith("  - mosei: MOSEI feature file not found")
+
+
+def test_an_extra_argument_the_parser_rejects_is_one_line_naming_every_run(available_inputs: Path, capsys,
+                                                                           no_training):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["table3", "--runs", str(available_inputs / "runs"), "--", "--trainer.max_epochs", "many"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    problems = [line for line in error.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "max_epochs" in problems[0] and "many" in problems[0], error
+    assert "mosi" in problems[0] and "mosei" in problems[0] and "usage:" not in error

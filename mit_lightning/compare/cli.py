@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import re
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.table import Row, markdown, write_csv
 from mit_lightning.errors import UserError
-from mit_lightning.experiments import find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
@@ -51,21 +49,8 @@ def available_strategies(folder: Path) -> dict[str, Path]:
     return dict(sorted(overlays.items(), key=lambda item: (item[0] != "mit", item[0])))
 
 
-def _parse(args: list[str]):
-    """The run config of `mit fit <args>`; a config error becomes a UserError with jsonargparse's message."""
-    from mit_lightning.cli import parse_run_config
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            return parse_run_config(args)
-    except SystemExit:
-        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
-        raise UserError(" ".join(message.split())) from None
-
-
 def fit_args(configs: Sequence[str], overlay: Path, budget: list[str], extra: list[str]) -> list[str]:
-    return [*(arg for config in configs for arg in ("--config", config)), "--config", str(overlay), *budget, *extra]
+    return [*config_args([*configs, overlay]), *budget, *extra]
 
 
 def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
@@ -78,7 +63,9 @@ def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
 def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str],
           strategies: Sequence[str] = ()) -> Strategy:
     """Parse the strategy's config and check its weights and data paths; nothing is loaded."""
-    config = _parse(fit_args(configs, overlay, budget, extra))
+    from mit_lightning.cli import parse_run_config
+
+    config = parse_run_config(fit_args(configs, overlay, budget, extra))
     logger = config.trainer.logger
     if isinstance(logger, list):
         raise UserError("mit compare gives every strategy its own log folder, which it cannot do for a list of "
