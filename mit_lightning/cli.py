@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import tempfile
 import warnings
@@ -28,6 +29,7 @@ from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_confi
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
@@ -305,10 +307,6 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     return MiTCLI(args=with_checkpoint_config(args))
 
 
-#: the exit status of a run stopped by SIGTERM (128 + 15, as the shell reports it): never 0, so a job is requeued
-SIGTERM_EXIT = 143
-
-
 def _quiet_known_warnings() -> None:
     """Warnings a `mit` run would print every time, about choices made on purpose (the command, not the library)."""
     # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
@@ -326,5 +324,5 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SIGTERMException:
-        raise SystemExit(SIGTERM_EXIT) from None
+    except SIGTERMException as stop:  # saved and stopped: never status 0, so a job scheduler requeues it
+        raise SystemExit(exit_status(getattr(stop, "signum", signal.SIGTERM))) from None

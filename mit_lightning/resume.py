@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.errors import UserError
+from mit_lightning.interrupt import Stopped, StopSignals
 
 LAST_NAME = "last"
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -79,6 +82,7 @@ class LatestCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.saved_path: Path | None = None
         self.saved_at: tuple[int, int] | None = None  # (epoch, global step)
+        self.stop = StopSignals()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1 and self.every_n_train_steps:
@@ -96,24 +100,44 @@ class LatestCheckpoint(Checkpoint):
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop.install()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.stop.uninstall()
+
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        self._stop_if_asked()
         steps = self.every_n_train_steps
-        if steps and trainer.world_size == 1 and trainer.global_step % steps == 0 and not trainer.received_sigterm:
+        if steps and trainer.world_size == 1 and trainer.global_step % steps == 0:
             self.save(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        self._stop_if_asked()
 
     def on_train_epoch_end(self, trainer: L.Trainer, *_: Any) -> None:
         self.save(trainer)
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        if self.stop.received is not None:
+            raise Stopped(self.stop.received)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        if trainer.training and trainer.world_size == 1:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and not trainer.sanity_checking and trainer.world_size == 1:
             self.save(trainer)
+        if fitting:  # Lightning tears down only the active loop: stopped in validation, the training DataLoader's
+            trainer.fit_loop.teardown()  # persistent workers would be left waiting, and the process never exits
         if trainer.is_global_zero:
             where = (f"the latest checkpoint is {self.saved_path} (epoch {self.saved_at[0]}, step {self.saved_at[1]}); "
                      "resume with the same command plus --ckpt_path last" if self.saved_path else
                      "no checkpoint of this run was written yet")
-            print(f"Stopped by SIGTERM: {where}.", file=sys.stderr, flush=True)
+            name = getattr(exception, "signum", signal.SIGTERM).name
+            print(f"Stopped by {name}: {where}.", file=sys.stderr, flush=True)
 
     def folder(self, trainer: L.Trainer) -> Path:
         """Where the run's ModelCheckpoint writes (Lightning's own rule when there is none)."""
