@@ -14,13 +14,14 @@ The data side of exact resumption (the same samples in the same order) is `data/
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import numpy as np
@@ -83,8 +84,11 @@ class LatestCheckpoint(Checkpoint):
         self.saved_path: Path | None = None
         self.saved_at: tuple[int, int] | None = None  # (epoch, global step)
         self.stop = StopSignals()
+        self._lock: IO[str] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            self._lock = lock_run_folder(self.folder(trainer))
         if trainer.world_size > 1 and self.every_n_train_steps:
             rank_zero_warn("LatestCheckpoint writes only at epoch ends under several processes: the middle of an epoch "
                            "cannot be resumed exactly there.")
@@ -106,15 +110,23 @@ class LatestCheckpoint(Checkpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.stop.uninstall()
+            if self._lock is not None:
+                self._lock.close()  # releases the lock
+                self._lock = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        self._stop_if_asked()
+        # Lightning resumes a checkpoint of an epoch's last step as a finished epoch (no validation, no epoch end):
+        # there, the epoch end saves and stops instead
+        last_step = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if not last_step:
+            self._stop_if_asked()
         steps = self.every_n_train_steps
-        if steps and trainer.world_size == 1 and trainer.global_step % steps == 0:
+        if steps and trainer.world_size == 1 and trainer.global_step % steps == 0 and not last_step:
             self.save(trainer)
 
     def on_validation_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        self._stop_if_asked()
+        if not trainer.sanity_checking:
+            self._stop_if_asked()
 
     def on_train_epoch_end(self, trainer: L.Trainer, *_: Any) -> None:
         self.save(trainer)
@@ -124,11 +136,20 @@ class LatestCheckpoint(Checkpoint):
         if self.stop.received is not None:
             raise Stopped(self.stop.received)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Stopped during validation: the checkpoint says validation has just begun, so a resumed run validates the
+        epoch again from its first batch (the metrics of the batches already seen are not in the checkpoint)."""
+        if trainer.validating and trainer.state.fn == TrainerFn.FITTING:
+            begun = {"ready": 1, "started": 1, "processed": 1, "completed": 0}
+            progress = {"total": dict(begun), "current": dict(begun), "is_last_batch": False}
+            checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"] = progress
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and not trainer.sanity_checking and trainer.world_size == 1:
+        saved_now = self.saved_at is not None and self.saved_at[1] == trainer.global_step and not trainer.validating
+        if fitting and not trainer.sanity_checking and trainer.world_size == 1 and not saved_now:
             self.save(trainer)
         if fitting:  # Lightning tears down only the active loop: stopped in validation, the training DataLoader's
             trainer.fit_loop.teardown()  # persistent workers would be left waiting, and the process never exits
@@ -157,10 +178,38 @@ class LatestCheckpoint(Checkpoint):
         partial = final.with_name(final.name + ".partial")
         if trainer.is_global_zero:
             final.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial, weights_only=False)  # everything: optimizer, schedulers, loops
-        if trainer.is_global_zero:
-            os.replace(partial, final)
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # everything: optimizer, schedulers, loops
+            if trainer.is_global_zero:
+                os.replace(partial, final)
+        except OSError as error:  # a full disk, a quota, a folder gone: the previous last.ckpt stays as it was
+            partial.unlink(missing_ok=True)
+            kept = f"the previous one ({final}) is intact" if final.is_file() else "there is no earlier one"
+            raise UserError(f"Cannot write the latest checkpoint ({error.strerror or error}); {kept}. Free space "
+                            "or fix the run folder, then resume with the same command plus --ckpt_path last.") from None
         self.saved_path, self.saved_at = final, (trainer.current_epoch, trainer.global_step)
+
+
+def lock_run_folder(folder: Path) -> IO[str]:
+    """Only one process trains into a run folder: two resuming the same run would overwrite each other's checkpoints.
+
+    The lock is the kernel's (flock on ``<folder>/.lock``): it ends with the process, however that ends.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    file = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise UserError(f"The run folder '{folder}' is in use by another training process (PID {holder}): two runs "
+                        "writing one folder overwrite each other's checkpoints. Wait for it to end, or stop it "
+                        "first.") from None
+    file.truncate(0)
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
 
 
 def disable_save_last(trainer: L.Trainer) -> None:

@@ -3,9 +3,11 @@ where an uninterrupted run ends; the latest checkpoint is always complete; the t
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 
 from cli_helpers import fails_at_once
 from mit_lightning.data.sampling import EpochShuffle
-from mit_lightning.resume import LatestCheckpoint, capture_rng_state, restore_rng_state
+from mit_lightning.errors import UserError
+from mit_lightning.resume import LatestCheckpoint, capture_rng_state, lock_run_folder, restore_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -64,14 +67,23 @@ def test_a_failed_write_leaves_the_previous_latest_checkpoint_intact(tmp_path):
 
         def save_checkpoint(self, path, weights_only=None):
             Path(path).write_bytes(b"half a checkpo")
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(b"the previous checkpoint")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device.*previous one .*last.ckpt. is intact"):
         LatestCheckpoint().save(Trainer())
     assert last.read_bytes() == b"the previous checkpoint"
+    assert sorted(path.name for path in last.parent.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
+    held = lock_run_folder(tmp_path / "checkpoints")
+    with pytest.raises(UserError, match=f"in use by another training process \\(PID {os.getpid()}\\)"):
+        lock_run_folder(tmp_path / "checkpoints")
+    held.close()
+    lock_run_folder(tmp_path / "checkpoints").close()  # free again once the holder ends
 
 
 # --- killed and resumed ---------------------------------------------------------------------------
@@ -141,6 +153,30 @@ def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step
     assert_same_training_state(state, reference)
     assert (state["folder"] / "config.yaml").is_file() and (state["folder"] / "config.resume-1.yaml").is_file()
     assert len(list(state["folder"].glob("events.out.tfevents.*"))) >= 2  # the same TensorBoard run, continued
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, during, times, exit_code", [
+    ("INT", "validation", 1, 130),  # Ctrl-C in a terminal: the whole group, workers included, during validation
+    ("TERM", "save", 2, 143),  # twice, while the epoch's checkpoints are being written
+])
+def test_a_run_stopped_at_an_epoch_end_exits_at_once_and_resumes_exactly(uninterrupted, signal_name, during, times,
+                                                                       exit_code):
+    """The epoch just trained counts: validation and the epoch end are done again on resuming, never skipped."""
+    tmp_path, reference = uninterrupted
+    name = f"stopped_{signal_name}_{during}"
+    workers = ["--data.num_workers", "2"]  # persistent workers, which must not keep the process alive
+    start = time.monotonic()
+    killed = run(tmp_path, name, *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
+                 "4", "--trainer.callbacks.signal_name", signal_name, "--trainer.callbacks.during", during,
+                 "--trainer.callbacks.times", str(times), "--trainer.callbacks.whole_group", "true")
+    assert killed.returncode == exit_code, killed.stderr[-3000:]
+    assert f"Stopped by SIG{signal_name}" in killed.stderr and "epoch 0, step 4" in killed.stderr
+    assert "Traceback" not in killed.stderr
+    assert time.monotonic() - start < 120  # it exits (before, the DataLoader workers kept it alive for ever)
+    resumed = run(tmp_path, name, *workers, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(final_state(tmp_path, name), reference)
 
 
 @pytest.mark.slow
