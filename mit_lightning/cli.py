@@ -33,6 +33,7 @@ from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
+    check_resumed_data,
     checkpoint_folders,
     disable_save_last,
     resolve_ckpt_path,
@@ -122,8 +123,9 @@ class MiTCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
         config.ckpt_path = str(ckpt_path) if ckpt_path else None
         if isinstance(ckpt_path, Path):
-            load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            checkpoint = load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
             if self.subcommand == "fit":
+                check_resumed_data(checkpoint, config.data.as_dict(), ckpt_path)
                 continue_run_folder(config.trainer, ckpt_path)
 
     def _parse_ckpt_path(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from types import FrameType
 from typing import Any
@@ -63,3 +64,27 @@ class StopSignals:
             return
         self.received = signal.Signals(signum)
 
+
+
+def run_child(command: list[str], **popen_args: Any) -> int:
+    """Run a `mit fit` as a child process, passing SIGINT and SIGTERM on to it and waiting while it saves.
+
+    Returns its exit status; if this process was signalled, it exits as the child stopped (130, 143) once
+    the child has saved, so the command that started it (`mit compare`, `mit reproduce`) stops too.
+    """
+    child = subprocess.Popen(command, **popen_args)
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise SystemExit(exit_status(received[0]))
+    return code

@@ -15,6 +15,7 @@ The data side of exact resumption (the same samples in the same order) is `data/
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
 import re
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mit_lightning.checkpoints import load_weights_file
+from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file
 from mit_lightning.errors import UserError
 from mit_lightning.interrupt import Stopped, StopSignals
 
@@ -287,6 +288,38 @@ def run_version(checkpoint: Path) -> int | str | None:
         return None
     match = _VERSION.match(folder.parent.name)
     return int(match.group(1)) if match else folder.parent.name
+
+
+#: data settings that change where and how fast samples are read, never which samples nor their order
+_FREE_DATA_SETTINGS = frozenset({"root", "image_dir", "num_workers", "pin_memory", "eval_batch_size"})
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resumed_data(checkpoint: dict[str, Any], data_config: dict[str, Any], source: Path) -> None:
+    """A resumed epoch goes on at (batches done × batch size) in the epoch's order: with another batch size or other
+    data, samples would be trained twice or skipped. Refused mid-epoch; at an epoch end, a warning."""
+    stored = (checkpoint.get(CONFIG_ENTRY) or {}).get("data")
+    if not isinstance(stored, dict):
+        return
+    before, now = _plain(stored.get("init_args") or {}), _plain(data_config.get("init_args") or {})
+    changed = [f"data.{key} {before.get(key)!r} → {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if key not in _FREE_DATA_SETTINGS and before.get(key) != now.get(key)]
+    if stored.get("class_path") != data_config.get("class_path"):
+        changed.insert(0, f"data {stored.get('class_path')} → {data_config.get('class_path')}")
+    if not changed:
+        return
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    mid_epoch = not progress.get("is_last_batch", True) and progress.get("current", {}).get("processed", 0) > 0
+    what = "; ".join(changed)
+    if mid_epoch:
+        raise UserError(f"'{source}' stopped in the middle of an epoch trained with other data settings ({what}): "
+                        "going on would train some samples twice and skip others. Resume with the checkpoint's "
+                        f"settings, or start a new run from its weights (--model.init_weights {source}).")
+    rank_zero_warn(f"Resuming '{source}' with other data settings ({what}): it goes on from an epoch end, so no sample "
+                   "is trained twice, but the rest of the run differs from the run it continues.")
 
 
 def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, trainer_config: Any) -> Path | str | None:

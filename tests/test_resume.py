@@ -16,7 +16,13 @@ import torch
 from cli_helpers import fails_at_once
 from mit_lightning.data.sampling import EpochShuffle
 from mit_lightning.errors import UserError
-from mit_lightning.resume import LatestCheckpoint, capture_rng_state, lock_run_folder, restore_rng_state
+from mit_lightning.resume import (
+    LatestCheckpoint,
+    capture_rng_state,
+    check_resumed_data,
+    lock_run_folder,
+    restore_rng_state,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -211,6 +217,37 @@ def test_a_missing_or_broken_checkpoint_to_resume_fails_before_the_model_is_buil
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--ckpt_path", str(empty),
                           "--trainer.default_root_dir", str(tmp_path), "--data.root", str(tmp_path / "data"))
     assert "empty (0 bytes)" in error
+
+
+def stopped_checkpoint(path: Path, batch_size: int, mid_epoch: bool) -> Path:
+    """A checkpoint as `mit fit` writes it, as far as resuming its data reads it."""
+    data = {"class_path": "mit_lightning.data.synthetic.SyntheticRefCOCODataModule",
+            "init_args": {"root": "elsewhere", "train_images": 16, "batch_size": batch_size, "num_workers": 2}}
+    progress = {"current": {"processed": 2 if mid_epoch else 4}, "is_last_batch": not mid_epoch}
+    torch.save({"mit_config": {"data": data}, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}, path)
+    return path
+
+
+def test_resuming_mid_epoch_with_another_batch_size_or_data_is_refused_saying_why(monkeypatch, capsys, tmp_path):
+    mid_epoch = stopped_checkpoint(tmp_path / "mid.ckpt", batch_size=16, mid_epoch=True)
+    common = ["fit", "--config", DEMO, "--ckpt_path", str(mid_epoch), "--trainer.default_root_dir", str(tmp_path),
+              "--data.root", str(tmp_path / "data"), "--data.num_workers", "0", "--data.train_images", "16"]
+    error = fails_at_once(monkeypatch, capsys, *common, "--data.batch_size", "8")
+    assert "data.batch_size 16 → 8" in error and "twice" in error and "--model.init_weights" in error
+    error = fails_at_once(monkeypatch, capsys, *common[:-1], "12", "--data.batch_size", "16")
+    assert "data.train_images 16 → 12" in error and "batch_size" not in error
+    # where data is read from (moved to local disk) and how fast is free to change
+    checkpoint = torch.load(mid_epoch, weights_only=True)
+    check_resumed_data(checkpoint, {**checkpoint["mit_config"]["data"], "init_args": {
+        **checkpoint["mit_config"]["data"]["init_args"], "root": "/scratch/data", "num_workers": 8}}, mid_epoch)
+
+
+def test_resuming_at_an_epoch_end_with_another_batch_size_warns(tmp_path):
+    path = stopped_checkpoint(tmp_path / "end.ckpt", batch_size=16, mid_epoch=False)
+    checkpoint = torch.load(path, weights_only=True)
+    data = checkpoint["mit_config"]["data"]
+    with pytest.warns(UserWarning, match="data.batch_size 16 → 8.*epoch end"):
+        check_resumed_data(checkpoint, {**data, "init_args": {**data["init_args"], "batch_size": 8}}, path)
 
 
 def test_an_unwritable_run_folder_is_one_clear_message(monkeypatch, capsys, tmp_path):
