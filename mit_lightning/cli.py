@@ -15,6 +15,7 @@ import importlib
 import io
 import json
 import logging
+import signal
 import sys
 import tempfile
 import warnings
@@ -34,9 +35,11 @@ from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
 from mit_lightning.experiments import config_args
 from mit_lightning.metrics.names import metric_of, split_of
+from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.resume import (
     LatestCheckpoint,
+    check_resumed_data,
     checkpoint_folders,
     disable_save_last,
     resolve_ckpt_path,
@@ -126,8 +129,9 @@ class MiTCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
         config.ckpt_path = str(ckpt_path) if ckpt_path else None
         if isinstance(ckpt_path, Path):
-            load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            checkpoint = load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
             if self.subcommand == "fit":
+                check_resumed_data(checkpoint, config.data.as_dict(), ckpt_path)
                 continue_run_folder(config.trainer, ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
@@ -319,10 +323,6 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     return MiTCLI(args=with_checkpoint_config(args))
 
 
-#: the exit status of a run stopped by SIGTERM (128 + 15, as the shell reports it): never 0, so a job is requeued
-SIGTERM_EXIT = 143
-
-
 def _quiet_known_warnings() -> None:
     """Warnings a `mit` run would print every time, about choices made on purpose (the command, not the library)."""
     # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
@@ -359,7 +359,7 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SIGTERMException:
-        raise SystemExit(SIGTERM_EXIT) from None
+    except SIGTERMException as stop:  # saved and stopped: never status 0, so a job scheduler requeues it
+        raise SystemExit(exit_status(getattr(stop, "signum", signal.SIGTERM))) from None
     finally:
         _close_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 from functools import lru_cache
 from pathlib import Path
@@ -321,11 +320,12 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
     write_results(runs / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
     started: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool) -> None:
+    def fake_run(command: list[str]) -> int:
         started.append(command)
         write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0", sentiment_results(0.5))
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
     reproduce.main(["table6", "--runs", str(runs), "--", "--trainer.max_epochs", "1"])
     assert len(started) == 4  # mosi_text had results already
     command = started[0]
@@ -333,6 +333,7 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
         "--config", "configs/mosi.yaml", "--config", "configs/ablations/mosi_text_facial.yaml",
     ]
     assert command[-2:] == ["--trainer.max_epochs", "1"] and "--test_after_fit" in command
+    assert command[command.index("--ckpt_path") + 1] == "last"  # a run stopped before continues
     rows = rows_of(capsys.readouterr().out)
     assert rows["T (ours)"][2] == "85.1" and rows["T+F (ours)"][2] == "42.5"
 

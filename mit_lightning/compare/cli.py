@@ -18,6 +18,7 @@ from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.table import Row, markdown, write_csv
 from mit_lightning.errors import UserError
 from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.interrupt import run_child
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
@@ -136,7 +137,7 @@ def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: li
     print(f"{strategy.name}: training (output in {log}) ...", end=" ", flush=True)
     start = time.perf_counter()
     with open(log, "w") as output:
-        code = subprocess.run(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT).returncode
+        code = run_child(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT)
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
