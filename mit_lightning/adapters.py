@@ -109,7 +109,7 @@ def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=path,
         model=_usable(stored["model"]),
-        data_spec=recorded_data_spec(spec, path) if spec else spec_from_data_config(stored.get("data"), path),
+        data_spec=recorded_data_spec(spec, path) if spec is not None else spec_from_data_config(stored.get("data"), path),
         backbones=recorded_backbones(checkpoint, path) or {},
         weights=checkpoint["state_dict"],
         precision=(stored.get("trainer") or {}).get("precision"),

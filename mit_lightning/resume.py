@@ -199,10 +199,15 @@ def latest_checkpoint(trainer_config: Any) -> Path | None:
 
 def best_checkpoint(last: Path) -> Path | None:
     """The best checkpoint the run of `last` recorded (its ModelCheckpoint state), if it still exists."""
-    states = load_weights_file(last).get("callbacks", {})
-    for key, state in states.items():
-        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path"):
-            path = Path(state["best_model_path"])
+    checkpoint = load_weights_file(last)
+    states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    for key, state in (states.items() if isinstance(states, dict) else ()):
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if str(key).startswith("ModelCheckpoint") and best:
+            if not isinstance(best, str):
+                raise UserError(f"'{last}' records its best checkpoint as a {type(best).__name__}, not a path; the file "
+                                "was altered. Give a checkpoint path to --ckpt_path.")
+            path = Path(best)
             return path if path.is_file() else None
     return None
 
