@@ -93,6 +93,45 @@ def _damaged_record(path: Path) -> str | None:
         return archive.testzip()
 
 
+#: Lightning's entries of a checkpoint and the type each must have for Lightning to read it (None: any)
+LIGHTNING_ENTRIES = {"pytorch-lightning_version": str, "state_dict": dict, "epoch": int, "global_step": int,
+                     "loops": dict, "callbacks": dict, "optimizer_states": list, "lr_schedulers": list,
+                     "hyper_parameters": dict}
+
+
+def check_lightning_entries(checkpoint: Any, source: str | Path) -> None:
+    """What Lightning reads of a checkpoint, in the form Lightning writes it: a checkpoint altered by hand (or not
+    written by Lightning) is one line here, not a traceback from deep inside Lightning's restore."""
+    from packaging.version import InvalidVersion, Version
+
+    def refuse(reason: str) -> UserError:
+        return UserError(f"'{source}' is not a checkpoint as `mit fit` writes it: {reason}. Use the file as it was "
+                         "written (or `mit export` / load_model for the trained weights alone).")
+
+    if not isinstance(checkpoint, dict):
+        raise refuse(f"it holds a {type(checkpoint).__name__}, not a mapping")
+    for required in ("pytorch-lightning_version", "state_dict"):
+        if checkpoint.get(required) is None:
+            raise refuse(f"it has no '{required}'")
+    for key, kind in LIGHTNING_ENTRIES.items():
+        value = checkpoint.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise refuse(f"its '{key}' is a {type(value).__name__}, not a {kind.__name__}")
+    try:
+        Version(checkpoint["pytorch-lightning_version"])
+    except InvalidVersion:
+        raise refuse(f"its 'pytorch-lightning_version' {checkpoint['pytorch-lightning_version'][:40]!r} is no "
+                     "version") from None
+    nested = [(key, name) for key in ("loops", "callbacks") for name, value in (checkpoint.get(key) or {}).items()
+              if not isinstance(value, dict)]
+    nested += [(key, str(index)) for key in ("optimizer_states", "lr_schedulers")
+               for index, value in enumerate(checkpoint.get(key) or []) if not isinstance(value, dict)]
+    if nested:
+        raise refuse(f"its {nested[0][0]} entry '{nested[0][1]}' is not a mapping")
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in checkpoint["state_dict"].items()):
+        raise refuse("its 'state_dict' is not a mapping of names to tensors")
+
+
 def stored_run_config(checkpoint: Any, source: str | Path, user_args: Sequence[str] = ()) -> dict[str, Any] | None:
     """The run config a checkpoint carries, checked as data (`check_stored_config`); None if it carries none.
 

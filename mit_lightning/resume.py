@@ -94,7 +94,11 @@ class LatestCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
-            restore_rng_state(state_dict["rng"])
+            try:
+                restore_rng_state(state_dict["rng"])
+            except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+                raise UserError(f"The checkpoint's random number states ({self.state_key}) are not as mit-lightning "
+                                f"writes them ({type(error).__name__}: {error}); the file was altered.") from None
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         steps = self.every_n_train_steps

@@ -5,13 +5,21 @@ whose weights are garbage answering as if nothing were wrong."""
 from __future__ import annotations
 
 import pickle
+import random
 import struct
 import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 
+from cli_helpers import DEMO, fails_at_once
+from mit_lightning.adapters import read_adapter, write_export
+from mit_lightning.checkpoints import check_lightning_entries, load_weights_file
+from mit_lightning.cli import with_checkpoint_config
 from mit_lightning.errors import UserError
+from mit_lightning.inference import load_model
+from mit_lightning.resume import best_checkpoint
 from mit_lightning.safe_pickle import load_data_pickle
 
 TB = 2**40
@@ -77,16 +85,6 @@ def test_every_protocol_of_plain_data_with_memo_and_frames_still_loads(tmp_path,
 
 
 # === checkpoints and exports ========================================================================
-import random  # noqa: E402
-
-import torch  # noqa: E402
-
-from mit_lightning.adapters import read_adapter, write_export  # noqa: E402
-from mit_lightning.checkpoints import load_weights_file  # noqa: E402
-from mit_lightning.cli import with_checkpoint_config  # noqa: E402
-from mit_lightning.inference import load_model  # noqa: E402
-from mit_lightning.resume import best_checkpoint  # noqa: E402
-
 #: every way a checkpoint is read before (or instead of) Lightning: each must load or refuse in one line
 READERS = {
     "load": load_weights_file,
@@ -223,10 +221,48 @@ def test_weights_stored_in_another_float_precision_still_load(tmp_path, task_che
 
 @pytest.mark.parametrize("command", ["test", "predict", "validate", "fit"])
 def test_a_text_file_given_as_ckpt_path_is_one_line(tmp_path, monkeypatch, capsys, command):
-    from cli_helpers import DEMO, fails_at_once
-
     path = tmp_path / "notes.ckpt"
     path.write_text("these are my notes, not a checkpoint\n")
     error = fails_at_once(monkeypatch, capsys, command, "--config", DEMO, "--ckpt_path", str(path),
                           "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.root", str(tmp_path / "data"))
     assert str(path) in error and "not a readable torch file" in error
+
+
+LIGHTNING_DAMAGE = {
+    "version-none": ("pytorch-lightning_version", None), "version-text": ("pytorch-lightning_version", "text"),
+    "version-list": ("pytorch-lightning_version", []), "version-number": ("pytorch-lightning_version", -1),
+    "state-dict-none": ("state_dict", None), "state-dict-list": ("state_dict", []),
+    "state-dict-of-text": ("state_dict", {"head.weight": "text"}), "loops-text": ("loops", "text"),
+    "loops-list": ("loops", []), "loop-entry-number": ("loops", {"fit_loop": 3}),
+    "callbacks-list": ("callbacks", []), "callback-entry-text": ("callbacks", {"LatestCheckpoint": "text"}),
+    "optimizers-dict": ("optimizer_states", {}), "optimizer-entry-text": ("optimizer_states", ["text"]),
+    "schedulers-text": ("lr_schedulers", "text"), "epoch-text": ("epoch", "text"), "step-list": ("global_step", []),
+    "epoch-bool": ("epoch", True), "hparams-list": ("hyper_parameters", [1]),
+}
+
+
+@pytest.mark.parametrize("entry, value", LIGHTNING_DAMAGE.values(), ids=LIGHTNING_DAMAGE.keys())
+def test_what_lightning_reads_of_a_checkpoint_is_checked_first(demo_run, tmp_path, entry, value):
+    checkpoint = torch.load(demo_run.checkpoint, weights_only=True)
+    check_lightning_entries(checkpoint, "ok.ckpt")
+    with pytest.raises(UserError, match="is not a checkpoint as `mit fit` writes it"):
+        check_lightning_entries({**checkpoint, entry: value}, "altered.ckpt")
+
+
+@pytest.mark.parametrize("entry, value", [("loops", "text"), ("pytorch-lightning_version", None),
+                                          ("callbacks", {"LatestCheckpoint": {"rng": "text"}})],
+                         ids=["loops", "version", "rng-state"])
+def test_mit_test_and_resume_on_a_checkpoint_lightning_cannot_read_are_one_line(demo_run, tmp_path, monkeypatch, capsys,
+                                                                              entry, value):
+    checkpoint = torch.load(demo_run.checkpoint, weights_only=True)
+    path = tmp_path / "altered.ckpt"
+    torch.save({**checkpoint, entry: value}, path)
+    common = ["--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+              "--data.root", str(demo_run.data_root), "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"]
+    if entry == "callbacks":
+        error = fails_at_once(monkeypatch, capsys, "fit", *[a for c in demo_run.configs for a in ("--config", c)],
+                              "--ckpt_path", str(path), "--trainer.max_epochs", "2", *common)
+        assert "random number states" in error
+    else:
+        error = fails_at_once(monkeypatch, capsys, "test", "--ckpt_path", str(path), *common)
+        assert str(path) in error and "is not a checkpoint as `mit fit` writes it" in error
