@@ -97,6 +97,8 @@ def _damaged_record(path: Path) -> str | None:
 LIGHTNING_ENTRIES = {"pytorch-lightning_version": str, "state_dict": dict, "epoch": int, "global_step": int,
                      "loops": dict, "callbacks": dict, "optimizer_states": list, "lr_schedulers": list,
                      "hyper_parameters": dict}
+#: the loops whose state Lightning keeps (and reads back) under 'loops'
+LIGHTNING_LOOPS = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
 
 
 def check_lightning_entries(checkpoint: Any, source: str | Path) -> None:
@@ -122,6 +124,9 @@ def check_lightning_entries(checkpoint: Any, source: str | Path) -> None:
     except InvalidVersion:
         raise refuse(f"its 'pytorch-lightning_version' {checkpoint['pytorch-lightning_version'][:40]!r} is no "
                      "version") from None
+    absent = [loop for loop in LIGHTNING_LOOPS if "loops" in checkpoint and loop not in checkpoint["loops"]]
+    if absent:
+        raise refuse(f"its 'loops' lack {', '.join(absent)}")
     nested = [(key, name) for key in ("loops", "callbacks") for name, value in (checkpoint.get(key) or {}).items()
               if not isinstance(value, dict)]
     nested += [(key, str(index)) for key in ("optimizer_states", "lr_schedulers")

@@ -233,7 +233,7 @@ LIGHTNING_DAMAGE = {
     "version-list": ("pytorch-lightning_version", []), "version-number": ("pytorch-lightning_version", -1),
     "state-dict-none": ("state_dict", None), "state-dict-list": ("state_dict", []),
     "state-dict-of-text": ("state_dict", {"head.weight": "text"}), "loops-text": ("loops", "text"),
-    "loops-list": ("loops", []), "loop-entry-number": ("loops", {"fit_loop": 3}),
+    "loops-list": ("loops", []), "loops-empty": ("loops", {}), "loop-entry-number": ("loops", {"fit_loop": 3}),
     "callbacks-list": ("callbacks", []), "callback-entry-text": ("callbacks", {"LatestCheckpoint": "text"}),
     "optimizers-dict": ("optimizer_states", {}), "optimizer-entry-text": ("optimizer_states", ["text"]),
     "schedulers-text": ("lr_schedulers", "text"), "epoch-text": ("epoch", "text"), "step-list": ("global_step", []),
