@@ -36,7 +36,7 @@ from mit_lightning.checkpoints import (
 )
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.errors import UserError, make_folder, user_error_in
 from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
@@ -109,7 +109,7 @@ def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=path,
         model=_usable(stored["model"]),
-        data_spec=recorded_data_spec(spec, path) if spec else spec_from_data_config(stored.get("data"), path),
+        data_spec=recorded_data_spec(spec, path) if spec is not None else spec_from_data_config(stored.get("data"), path),
         backbones=recorded_backbones(checkpoint, path) or {},
         weights=checkpoint["state_dict"],
         precision=(stored.get("trainer") or {}).get("precision"),
@@ -188,17 +188,23 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
     With `overwrite`, only the export's own two files are replaced. Each file is written beside its final
     name and renamed over it, so an interrupted export never leaves a half-written file in place.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"'{folder}' is a file; give a folder to export into.")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+    hint = "Give a new or empty folder to export into."
+    folder = make_folder(folder, "The export folder", hint)
+    if any(folder.iterdir()) and not overwrite:
         raise UserError(f"'{folder}' is not empty; export into a new or empty folder, or add --overwrite to replace "
                         "an earlier export there.")
-    folder.mkdir(parents=True, exist_ok=True)
     weights = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
                .detach().contiguous().clone() for name, tensor in adapter.weights.items()}
+    try:
+        _write_files(adapter, folder, weights)
+    except OSError as error:
+        raise UserError(f"Cannot write the export into '{folder}' ({error.strerror or error}). {hint}") from None
+    return folder
+
+
+def _write_files(adapter: Adapter, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     partial = folder / f".{EXPORT_WEIGHTS}.partial"
     save_file(weights, partial, metadata={"format": "pt"})
     os.replace(partial, folder / EXPORT_WEIGHTS)
@@ -216,4 +222,3 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
     partial = folder / f".{EXPORT_CONFIG}.partial"
     partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     os.replace(partial, folder / EXPORT_CONFIG)
-    return folder

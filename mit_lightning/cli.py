@@ -29,7 +29,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_config_entry, stored_run_config
+from mit_lightning.checkpoints import (
+    CONFIG_ENTRY,
+    check_lightning_entries,
+    load_weights_file,
+    run_config_entry,
+    stored_run_config,
+)
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
@@ -129,7 +135,9 @@ class MiTCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
         config.ckpt_path = str(ckpt_path) if ckpt_path else None
         if isinstance(ckpt_path, Path):
-            checkpoint = load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            # a broken or altered file fails now, with one line naming it
+            checkpoint = load_weights_file(ckpt_path)
+            check_lightning_entries(checkpoint, ckpt_path)
             if self.subcommand == "fit":
                 check_resumed_data(checkpoint, config.data.as_dict(), ckpt_path)
                 continue_run_folder(config.trainer, ckpt_path)
