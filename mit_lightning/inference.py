@@ -8,6 +8,8 @@ In a notebook (a checkpoint of `mit fit`, or a folder of `mit export`)::
     model.predict(image="photo.png", text="the red circle")["mask"]     # segmentation: bool (H, W)
     model.predict(image="dish.jpg", text="Grilled lemon chicken")         # classification: label, probabilities
     model.predict(text="I loved it", audio=audio, facial=facial)          # sentiment: score; arrays (steps, features)
+    model.predict_batch([{"image": "a.png", "text": "the red circle"}, ...], batch_size=8)   # many, in batches
+    load_model("best", config="configs/demo.yaml")                        # the newest run's best checkpoint
 
 Inputs are prepared as the data modules prepare a dataset's samples: the prompt by the run's
 `PromptFormat`, the image square-resized to the vision tower's size (`to_square_tensor`), feature
@@ -32,7 +34,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -205,8 +207,20 @@ class Predictor:
     def predict(self, image: Any = None, text: str | None = None, **sequences: Any) -> dict[str, Any]:
         """One input. Segmentation: ``mask`` (bool numpy array at the image's size); classification:
         ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``."""
-        picture = read_image(image) if image is not None else None
-        return self.run([self.check(Sample(text=text, image=picture, sequences=sequences))])[0]
+        return self.run([self._sample(image, text, sequences)])[0]
+
+    def predict_batch(self, inputs: Iterable[dict[str, Any]], batch_size: int = 8) -> list[dict[str, Any]]:
+        """Many inputs, `batch_size` per forward pass; each a dict of `predict`'s arguments (``image``, ``text``,
+        feature sequences by name). Results in the same order, as `predict` gives them."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+        samples = [self._sample(item.get("image"), item.get("text"),
+                                {key: value for key, value in item.items() if key not in ("image", "text")})
+                   for item in inputs]
+        return [result for start in range(0, len(samples), batch_size) for result in self.run(samples[start:start + batch_size])]
+
+    def _sample(self, image: Any, text: str | None, sequences: dict[str, Any]) -> Sample:
+        return self.check(Sample(text=text, image=read_image(image) if image is not None else None, sequences=sequences))
 
 
 def _segmentation(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
@@ -373,6 +387,16 @@ def load_adapters(
     return predictors
 
 
-def load_model(path: str | os.PathLike, **options: Any) -> Predictor:
-    """A checkpoint of `mit fit` or a folder of `mit export`, ready to `predict`; options as `load_adapters`."""
+def load_model(path: str | os.PathLike, config: str | os.PathLike | Sequence[str | os.PathLike] = (),
+               **options: Any) -> Predictor:
+    """A checkpoint of `mit fit` or a folder of `mit export`, ready to `predict`; options as `load_adapters`.
+
+    ``load_model("best", config="configs/demo.yaml")`` (or ``"last"``) loads that checkpoint of the newest run
+    of the config, as ``mit serve --config configs/demo.yaml --ckpt_path best`` does.
+    """
+    if str(path) in ("best", "last"):
+        from mit_lightning.cli import find_checkpoint  # the run folders are where the config's trainer puts them
+
+        configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+        path = find_checkpoint(str(path), [str(item) for item in configs])
     return next(iter(load_adapters([path], **options).values()))
