@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 
 from mit_lightning.adapters import Adapter, read_adapter
@@ -93,7 +93,15 @@ def read_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise InputTooLarge(f"The image {what} is too large: {error}. Send a smaller image.") from None
     except DECODE_ERRORS as error:
         raise InputError(f"{what[0].upper() + what[1:]} is not an image that can be read (PNG, JPEG, ...): "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}.") from None
+                         f"{_decode_problem(error)}.") from None
+
+
+def _decode_problem(error: Exception) -> str:
+    """What went wrong reading an image, in words: no Python object reprs (``<_io.BytesIO object at 0x...>``)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "its format is not recognised"
+    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error).splitlines()[0] if str(error) else "").strip()
+    return message or type(error).__name__
 
 
 def precision_context(precision: str | None, device: torch.device) -> Any:
@@ -123,12 +131,13 @@ class Predictor:
             return None
         return list(self.spec.class_names or [str(index) for index in range(self.module.head.num_classes)])
 
-    def describe(self) -> dict[str, Any]:
-        """What a client needs to know to send inputs: the task, which inputs, their sizes, the classes."""
+    def describe(self, paths: bool = False) -> dict[str, Any]:
+        """What a client needs to know to send inputs: the task, which inputs, their sizes, the classes. The
+        source is the checkpoint's or export's name, its local path only with `paths`."""
         return {
             "name": self.name,
             "task": self.task,
-            "source": str(self.source),
+            "source": str(self.source) if paths else self.source.name,
             "fusion": type(self.module.fusion).__name__,
             "head": type(self.module.head).__name__,
             "image": self.image_size is not None,
@@ -206,7 +215,9 @@ class Predictor:
 
     def predict(self, image: Any = None, text: str | None = None, **sequences: Any) -> dict[str, Any]:
         """One input. Segmentation: ``mask`` (bool numpy array at the image's size); classification:
-        ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``."""
+        ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``.
+        Segmentation also gives ``confidence`` (the mean foreground probability over the mask) and ``probability``
+        (the foreground probability per pixel, float32 at the image's size)."""
         return self.run([self._sample(image, text, sequences)])[0]
 
     def predict_batch(self, inputs: Iterable[dict[str, Any]], batch_size: int = 8) -> list[dict[str, Any]]:
@@ -224,8 +235,15 @@ class Predictor:
 
 
 def _segmentation(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """The mask (probability > 0.5, as evaluated), the probability map, and the mask's confidence: the mean
+    foreground probability over its pixels (0 for an empty mask)."""
     sizes = [(sample.image.height, sample.image.width) for sample in samples]
-    return [{"mask": mask.cpu().numpy()} for mask in predictor.module.head.masks_at(output, sizes)]
+    results = []
+    for probability in predictor.module.head.probabilities_at(output, sizes):
+        mask = probability > 0.5
+        confidence = float(probability[mask].mean()) if mask.any() else 0.0
+        results.append({"mask": mask.cpu().numpy(), "confidence": confidence, "probability": probability.cpu().numpy()})
+    return results
 
 
 def _classification(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:

@@ -45,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
                         help="read the frozen LLM from here instead of the path the models were trained with")
     result.add_argument("--clip_weights", default=None,
                         help="read the CLIP weights from here instead of the path the models were trained with")
+    result.add_argument("--access_log", action="store_true",
+                        help="print one line per request (client, method, path, status)")
+    result.add_argument("--show_paths", action="store_true",
+                        help="GET /adapters gives the adapters' local paths (by default only their file or folder names)")
     result.add_argument("--allow_other_backbones", action="store_true",
                         help="use models on backbones other than those they were trained on (by fingerprint)")
     return result
@@ -76,9 +80,10 @@ def main(args: Sequence[str]) -> None:
         clip_weights=options.clip_weights, allow_other_backbones=options.allow_other_backbones, user_args=args,
     )
     app = create_app(predictors, max_batch_size=options.max_batch_size, max_wait_ms=options.max_wait_ms,
-                     max_upload_mb=options.max_upload_mb)
+                     max_upload_mb=options.max_upload_mb, show_paths=options.show_paths)
     for name, predictor in predictors.items():
         print(f"  {name}: {predictor.task} ({type(predictor.module.fusion).__name__}) from {predictor.source}")
     print(f"Open http://{options.host}:{options.port}/ in a browser (API: /adapters, /docs). Ctrl+C stops.",
           flush=True)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info" if options.access_log else "warning",
+                access_log=options.access_log)
