@@ -43,6 +43,7 @@ from mit_lightning.experiments import config_args
 from mit_lightning.metrics.names import metric_of, split_of
 from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
+from mit_lightning.progress import LineProgress
 from mit_lightning.resume import (
     LatestCheckpoint,
     check_resumed_data,
@@ -156,6 +157,14 @@ class MiTCLI(LightningCLI):
         latest = [callback for callback in callbacks if isinstance(callback, LatestCheckpoint)] or [LatestCheckpoint()]
         self.trainer.callbacks = [callback for callback in callbacks if not isinstance(callback, LatestCheckpoint)] + latest
         disable_save_last(self.trainer)
+        self._lines_off_a_terminal()
+
+    def _lines_off_a_terminal(self) -> None:
+        """A progress bar draws nothing a log file keeps: with stdout not a terminal, progress comes as lines."""
+        bar = self.trainer.progress_bar_callback
+        if bar is None or isinstance(bar, LineProgress) or sys.stdout.isatty():
+            return
+        self.trainer.callbacks = [LineProgress() if callback is bar else callback for callback in self.trainer.callbacks]
 
     def before_fit(self) -> None:
         self._keep_latest_checkpoint()

@@ -35,6 +35,7 @@ CLASS_PATHS = (
     "mit_lightning.schedules.WarmupCosine",
     "mit_lightning.resume.LatestCheckpoint",
     "mit_lightning.callbacks.PredictionWriter",
+    "mit_lightning.progress.LineProgress",
     "mit_lightning.compare.cost.TrainingCost",
     # PyTorch optimizers and schedules (those that take plain settings; LambdaLR & co. take functions)
     "torch.optim.Adam",
