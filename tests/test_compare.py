@@ -46,13 +46,16 @@ def comparison(tmp_path_factory):
 
 def test_every_strategy_trains_and_the_table_is_written_as_markdown_and_csv(comparison: Path, capsys):
     table = (comparison / "comparison.md").read_text()
-    assert "| strategy | oIoU | mIoU | trainable parameters | step time (ms) | peak memory (MiB) |" in table
+    assert ("| strategy | oIoU | mIoU | trainable parameters | step time (ms) | CPU time per step (ms) "
+            "| peak memory (MiB) |") in table
+    assert "CPU threads per run: 1" in table  # no CUDA GPU here: every run pinned to one thread
     with open(comparison / "comparison.csv") as file:
         rows = {row["strategy"]: row for row in csv.DictReader(file)}
     assert list(rows) == ["mit", "late_addition"]
     for name, row in rows.items():
         assert row["problem"] == "" and 0 <= float(row["test/test/oIoU"]) <= 1
         assert float(row["step_ms"]) > 0 and int(row["steps_timed"]) >= 1
+        assert float(row["step_cpu_ms"]) > 0 and int(row["threads"]) == 1 and float(row["load_per_core"]) >= 0
         # the count is what the run trained: a checkpoint holds exactly the trainable weights
         checkpoint = next((comparison / name).rglob("last.ckpt"))
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -157,12 +160,21 @@ def test_pill_stage2_trains_from_the_checkpoint_stage1_left(tmp_path):
 def test_metrics_get_a_column_per_test_split_and_a_failed_run_a_note():
     rows = [
         Row("mit", {"test/testA/oIoU": 0.5, "test/testB/oIoU": 0.25, "test/testA/loss": 1.0},
-            {"trainable_parameters": 1234567, "step_ms": 12.345, "peak_memory_mib": 100.4}),
+            {"trainable_parameters": 1234567, "step_ms": 12.345, "step_cpu_ms": 11.04, "peak_memory_mib": 100.4}),
         Row("concat", problem="mit fit failed (exit code 1), see x/fit.log"),
     ]
     assert metric_columns(rows, ["oIoU"]) == [("oIoU testA", "test/testA/oIoU"), ("oIoU testB", "test/testB/oIoU")]
     lines = markdown(rows, ["oIoU"]).splitlines()
-    assert lines[0] == "| strategy | oIoU testA | oIoU testB | trainable parameters | step time (ms) | peak memory (MiB) |"
-    assert lines[2] == "| mit | 0.5000 | 0.2500 | 1,234,567 | 12.3 | 100 |"
-    assert lines[3] == "| concat | — | — | — | — | — |"
+    assert lines[0] == ("| strategy | oIoU testA | oIoU testB | trainable parameters | step time (ms) "
+                        "| CPU time per step (ms) | peak memory (MiB) |")
+    assert lines[2] == "| mit | 0.5000 | 0.2500 | 1,234,567 | 12.3 | 11.0 | 100 |"
+    assert lines[3] == "| concat | — | — | — | — | — | — |"
     assert lines[-1] == "- concat: mit fit failed (exit code 1), see x/fit.log"
+
+
+def test_runs_are_pinned_to_their_threads_and_a_busy_machine_is_named(tmp_path):
+    assert {compare.thread_environment(2)[name] for name in compare.THREAD_VARIABLES} == {"2"}
+    rows = [Row("mit", {"test/test/oIoU": 0.5}, {"step_ms": 10.0, "load_per_core": 0.5}),
+            Row("pill", {"test/test/oIoU": 0.4}, {"step_ms": 30.0, "load_per_core": 3.25})]
+    text = compare.report(tmp_path, rows, ["oIoU"], ["## header"])
+    assert "load reached 3.2 per CPU core while pill ran" in text and "while mit ran" not in text

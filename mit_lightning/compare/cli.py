@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,8 @@ PEERS = "configs/peers"
 COST_CALLBACK = "mit_lightning.compare.TrainingCost"
 #: `model.init_weights: ${MIT_<STRATEGY>_CKPT}` in an overlay: it starts from that strategy's trained weights
 #: (PILL stage 2 from stage 1); compare runs that strategy first and hands its last checkpoint over
+#: the environment variables that set a run's CPU threads (torch's intra-op pool follows OMP_NUM_THREADS)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STARTS_FROM = re.compile(r"^\$\{MIT_(?P<name>[A-Z0-9_]+)_CKPT\}$")
 
 
@@ -142,15 +145,39 @@ def command(strategy: Strategy, configs: Sequence[str], budget: list[str], extra
             "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
 
 
-def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str]) -> Row:
-    """`mit fit ... --test_after_fit true` in a process of its own; its output goes to <run>/fit.log."""
+def load_per_core() -> float | None:
+    """The machine's one-minute load average over its cores (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The environment of a run whose CPU threads are pinned to `threads` (None: torch's choice)."""
+    if threads is None:
+        return dict(os.environ)
+    return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+
+
+def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str],
+        threads: int | None = None) -> Row:
+    """`mit fit ... --test_after_fit true` in a process of its own (its CPU threads pinned to `threads`); its
+    output goes to <run>/fit.log. The machine's load is read before and after: above one per core, the
+    run's wall times include waiting for other processes, which is said on the console and in the table."""
     strategy.directory.mkdir()
     log = strategy.directory / "fit.log"
     print(f"{strategy.name}: training (output in {log}) ...", end=" ", flush=True)
-    start = time.perf_counter()
+    start, loads = time.perf_counter(), [load_per_core()]
     with open(log, "w") as output:
-        code = subprocess.run(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT,
+                              env=thread_environment(threads)).returncode
+    loads.append(load_per_core())
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
+    load = max((value for value in loads if value is not None), default=None)
+    if load is not None and load > 1:
+        print(f"Warning: while {strategy.name} ran, the load was {load:.1f} per CPU core: its step time (wall) "
+              "includes waiting for other processes; compare the CPU time per step instead.", file=sys.stderr)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         print(f"{strategy.name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
@@ -158,7 +185,7 @@ def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: li
     metrics, cost = find_results(strategy.directory), find_results(strategy.directory, COST_FILE)
     if metrics is None or cost is None:
         return Row(strategy.name, metrics or {}, cost or {}, problem=f"no test metrics or training cost under {log.parent}")
-    return Row(strategy.name, metrics, cost)
+    return Row(strategy.name, metrics, {**cost, "load_per_core": load})
 
 
 def summary_metrics(strategies: Sequence[Strategy]) -> tuple[str, ...]:
@@ -176,12 +203,23 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
             "cpu_peak_rss_rise": "rise of the process's peak resident memory during training (frozen weights, "
                                  "loaded before, not included; a rough figure).",
         }.get(memory, "not measured."),
+        "CPU time per step: the process's CPU time over the same steps, all its threads (on a busy machine the "
+        "steadier figure: wall time also counts waiting for other processes).",
+        *(f"Warning: the machine's load reached {row.cost['load_per_core']:.1f} per CPU core while {row.strategy} "
+          "ran: its step time includes waiting for other processes." for row in rows
+          if (row.cost.get("load_per_core") or 0) > 1),
         f"Runs, logs and checkpoints: {folder}/<strategy>/",
     ]
     text = "\n".join([*header, "", markdown(rows, metrics), "", *notes])
     (folder / "comparison.md").write_text(text + "\n")
     write_csv(folder / "comparison.csv", rows, metrics)
     return text
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -201,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=Path, default=Path(PEERS), help=f"the strategy overlays (default {PEERS})")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"),
                         help="each comparison gets a new version_<N> folder here (default runs/compare)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of every run (OMP/MKL), so that runs measured one after another use the same "
+                             "number whatever else runs; default: 1 without a CUDA GPU, else torch's choice")
     parser.add_argument("--list", action="store_true", help="list the strategies and exit")
     return parser
 
@@ -216,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(f"{name}  ({path})" for name, path in available_strategies(args.peers).items()))
         return
     strategies = plan(args.strategies, args.peers, configs, budget, extra)
+    threads = args.threads or (None if _has_cuda() else 1)
     folder = new_folder(args.runs)
     print(f"Comparing {', '.join(s.name for s in strategies)} in {folder}", flush=True)
     rows = []
@@ -227,11 +269,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows.append(Row(strategy.name, problem=f"it starts from {strategy.starts_from}'s weights, and "
                                                         f"{strategy.starts_from} left no checkpoint"))
                 continue
-        rows.append(run(strategy, configs, budget, extra))
+        rows.append(run(strategy, configs, budget, extra, threads))
     seed = strategies[0].config.seed_everything
     header = [f"## mit compare: {' + '.join(configs)}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}"
               + (f" (at most {args.max_steps} steps)" if args.max_steps else "") + f", seed {seed}",
               *([f"Arguments given to every run: {' '.join(extra)}"] if extra else []),
+              *([f"CPU threads per run: {threads}"] if threads else []),
               *(f"{s.name} starts from the weights {s.starts_from} trained; its budget comes on top of that one's."
                 for s in strategies if s.starts_from)]
     print("\n" + report(folder, rows, args.metrics or summary_metrics(strategies), header))

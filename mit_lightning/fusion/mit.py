@@ -224,7 +224,7 @@ class MiT(Fusion):
         vector = torch.cat([inputs.vectors[name] for name in self.modalities], dim=-1)
         payload = InfusionPayload(vector=vector, token_mask=attention_mask)
         hidden = llm(attention_mask, input_ids=input_ids, **{PAYLOAD_KWARG: payload})
-        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, "MiT")
+        check_reached(payload, self._taps, "MiT")
         return last_token(hidden, attention_mask)
 
 
