@@ -9,6 +9,11 @@ What is compiled, each on its own (`model.compile`):
   compiled `__call__` would not reach);
 - the task head.
 
+All of them share one code object (`nn.Module._call_impl`), and dynamo keeps at most
+`recompile_limit` graphs per code object before it silently runs the rest eagerly: every layer with
+its own taps and every grad mode needs one, so `compile_model` raises that limit (and the overall one)
+to what the compiled parts need.
+
 The step outside them (tokenising, building the payload, the loss) stays eager. A compiled graph
 is specialised to its input shapes, and CUDA graphs (`reduce-overhead`) replay one recorded shape:
 so compiled models pad the text to a multiple of `TEXT_BUCKET` tokens (`pad_to_bucket`), which bounds
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 Compile = Literal["none", "default", "reduce-overhead", "max-autotune"]
 #: compiled models pad the text to a multiple of this many tokens
 TEXT_BUCKET = 16
+#: graphs a compiled part may need (grad modes × text buckets × batch sizes) before dynamo gives up on it
+GRAPHS_PER_PART = 32
 
 
 def compiled_parts(module: "MiTModule") -> list[nn.Module]:
@@ -49,7 +56,13 @@ def compile_model(module: "MiTModule", mode: Compile) -> None:
     check_choice("model.compile", mode, Compile)
     if mode == "none":
         return
-    for part in compiled_parts(module):
+    parts = compiled_parts(module)
+    config = torch._dynamo.config
+    # per part: training, evaluation and inference graphs, for a few text buckets and batch sizes
+    needed = GRAPHS_PER_PART * len(parts)
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+    for part in parts:
         part.compile(mode=mode)
 
 

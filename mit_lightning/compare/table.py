@@ -39,6 +39,7 @@ def metric_columns(rows: Sequence[Row], metrics: Sequence[str]) -> list[tuple[st
 COST_COLUMNS = (  # label, key of training_cost.json, format
     ("trainable parameters", "trainable_parameters", "{:,.0f}"),
     ("step time (ms)", "step_ms", "{:.1f}"),
+    ("CPU time per step (ms)", "step_cpu_ms", "{:.1f}"),
     ("peak memory (MiB)", "peak_memory_mib", "{:.0f}"),
 )
 
@@ -110,7 +111,8 @@ def paired_markdown(rows: Sequence[Row], metrics: Sequence[str], reference: str 
 def write_csv(path: Path, rows: Sequence[Row], metrics: Sequence[str]) -> None:
     """Every run's raw values (no rounding, no thousands separators), one row per strategy and seed."""
     columns = metric_columns(rows, metrics)
-    cost_keys = [key for _, key, _ in COST_COLUMNS] + ["total_parameters", "steps_timed", "memory_measure"]
+    cost_keys = [key for _, key, _ in COST_COLUMNS] + ["total_parameters", "steps_timed", "threads", "memory_measure",
+                                                       "load_per_core"]
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["strategy", "seed", *(key for _, key in columns), *cost_keys, "problem"])
