@@ -20,6 +20,8 @@ from mit_lightning.resume import (
     LatestCheckpoint,
     capture_rng_state,
     check_resumed_data,
+    follow_moved_run,
+    latest_checkpoint,
     lock_run_folder,
     restore_rng_state,
 )
@@ -256,3 +258,38 @@ def test_an_unwritable_run_folder_is_one_clear_message(monkeypatch, capsys, tmp_
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--trainer.default_root_dir",
                           str(blocker / "runs"), "--data.root", str(tmp_path / "data"))
     assert "Cannot write the run folder" in error
+
+
+def test_a_moved_run_folder_is_written_where_it_is_now(tmp_path):
+    def stored(save_dir: str) -> dict:
+        logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                  "init_args": {"save_dir": save_dir, "name": "tensorboard"}}
+        return {"trainer": {"default_root_dir": save_dir, "logger": logger}}
+
+    checkpoint = tmp_path / "moved" / "runs" / "tensorboard" / "version_0" / "checkpoints" / "best.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    config = stored("/old/place/runs")
+    follow_moved_run(config, checkpoint)
+    here = str(tmp_path / "moved" / "runs")
+    assert config == stored(here)
+    follow_moved_run(config, checkpoint)
+    assert config == stored(here)  # where it was trained: unchanged
+    unknown_layout = tmp_path / "elsewhere" / "best.ckpt"
+    config = stored("/old/place/runs")
+    follow_moved_run(config, unknown_layout)
+    assert config == stored("/old/place/runs")
+
+
+def test_a_newer_resumable_step_checkpoint_counts_as_last(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    trainer_config = {"default_root_dir": str(tmp_path), "logger": False}
+    resumable = {"loops": {}, "optimizer_states": [{"state": {}}], "state_dict": {}}
+    torch.save(resumable, folder / "last.ckpt")
+    torch.save({"state_dict": {}}, folder / "weights-only.ckpt")  # newer, but cannot be resumed
+    (folder / "last.ckpt.partial").write_bytes(b"half")
+    assert latest_checkpoint(trainer_config) == folder / "last.ckpt"
+    time.sleep(0.01)
+    torch.save(resumable, folder / "epoch=1-step=57.ckpt")
+    assert latest_checkpoint(trainer_config) == folder / "epoch=1-step=57.ckpt"
