@@ -163,28 +163,34 @@ def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step
     assert len(list(state["folder"].glob("events.out.tfevents.*"))) >= 2  # the same TensorBoard run, continued
 
 
+#: where the sweep stops one run, again and again: (signal, moment, step, times sent, exit status, step saved)
+STOPS = [
+    ("INT", "validation", 4, 1, 130, 4),  # Ctrl-C during the epoch-end validation: the epoch just trained counts
+    ("TERM", "save", 6, 2, 143, 6),  # twice, while a step checkpoint is being written
+    ("TERM", "train", 9, 1, 143, 9),  # mid-epoch
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, during, times, exit_code", [
-    ("INT", "validation", 1, 130),  # Ctrl-C in a terminal: the whole group, workers included, during validation
-    ("TERM", "save", 2, 143),  # twice, while the epoch's checkpoints are being written
-])
-def test_a_run_stopped_at_an_epoch_end_exits_at_once_and_resumes_exactly(uninterrupted, signal_name, during, times,
-                                                                       exit_code):
-    """The epoch just trained counts: validation and the epoch end are done again on resuming, never skipped."""
+def test_a_run_stopped_again_and_again_exits_at_once_each_time_and_ends_as_the_uninterrupted_one(uninterrupted):
+    """Each stop reaches the whole process group, DataLoader workers included, which must not keep it alive."""
     tmp_path, reference = uninterrupted
-    name = f"stopped_{signal_name}_{during}"
-    workers = ["--data.num_workers", "2"]  # persistent workers, which must not keep the process alive
-    start = time.monotonic()
-    killed = run(tmp_path, name, *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
-                 "4", "--trainer.callbacks.signal_name", signal_name, "--trainer.callbacks.during", during,
-                 "--trainer.callbacks.times", str(times), "--trainer.callbacks.whole_group", "true")
-    assert killed.returncode == exit_code, killed.stderr[-3000:]
-    assert f"Stopped by SIG{signal_name}" in killed.stderr and "epoch 0, step 4" in killed.stderr
-    assert "Traceback" not in killed.stderr
-    assert time.monotonic() - start < 120  # it exits (before, the DataLoader workers kept it alive for ever)
-    resumed = run(tmp_path, name, *workers, "--ckpt_path", "last")
+    workers = ["--data.num_workers", "2"]
+    resume: list[str] = []
+    for signal_name, during, step, times, exit_code, saved in STOPS:
+        start = time.monotonic()
+        stopped = run(tmp_path, "sweep", *workers, *resume, "--trainer.callbacks+=signal_helpers.SignalAtStep",
+                      "--trainer.callbacks.step", str(step), "--trainer.callbacks.signal_name", signal_name,
+                      "--trainer.callbacks.during", during, "--trainer.callbacks.times", str(times),
+                      "--trainer.callbacks.whole_group", "true")
+        assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+        assert f"Stopped by SIG{signal_name}" in stopped.stderr and f"step {saved})" in stopped.stderr
+        assert "Traceback" not in stopped.stderr
+        assert time.monotonic() - start < 150  # it exits (the training workers once kept it alive for ever)
+        resume = ["--ckpt_path", "last"]
+    resumed = run(tmp_path, "sweep", *workers, *resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_training_state(final_state(tmp_path, name), reference)
+    assert_same_training_state(final_state(tmp_path, "sweep"), reference)
 
 
 @pytest.mark.slow
