@@ -104,7 +104,11 @@ class LatestCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
-            restore_rng_state(state_dict["rng"])
+            try:
+                restore_rng_state(state_dict["rng"])
+            except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+                raise UserError(f"The checkpoint's random number states ({self.state_key}) are not as mit-lightning "
+                                f"writes them ({type(error).__name__}: {error}); the file was altered.") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stop.install()
@@ -288,10 +292,15 @@ def _resumable(path: Path) -> bool:
 
 def best_checkpoint(last: Path) -> Path | None:
     """The best checkpoint the run of `last` recorded (its ModelCheckpoint state), if it still exists."""
-    states = load_weights_file(last).get("callbacks", {})
-    for key, state in states.items():
-        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path"):
-            path = Path(state["best_model_path"])
+    checkpoint = load_weights_file(last)
+    states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    for key, state in (states.items() if isinstance(states, dict) else ()):
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if str(key).startswith("ModelCheckpoint") and best:
+            if not isinstance(best, str):
+                raise UserError(f"'{last}' records its best checkpoint as a {type(best).__name__}, not a path; the file "
+                                "was altered. Give a checkpoint path to --ckpt_path.")
+            path = Path(best)
             return path if path.is_file() else None
     return None
 

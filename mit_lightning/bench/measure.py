@@ -1,4 +1,10 @@
-"""Timing and peak memory of a piece of work, on a GPU or a CPU.
+"""Timing, peak memory and operation counts of a piece of work, on a GPU or a CPU.
+
+Counts (`count_operations`, one profiled call under torch.profiler): `casts`, the `aten::_to_copy` calls
+(dtype casts, autocast's included, and device copies); `launches`, on a GPU the kernel launches the host
+makes (`cudaLaunchKernel` and its kin; a replayed CUDA graph is one `cudaGraphLaunch`), on a CPU the
+operator calls that do the work (ATen operators that call no other, allocations and views left out; kernels inductor generates for the
+CPU are not seen by the profiler, operators they call are).
 
 Peak memory: on a GPU, `torch.cuda.max_memory_allocated` (weights included); on a CPU, how far the
 process's peak resident memory rose (Linux `/proc`, else None): a rough figure, since freed memory
@@ -123,9 +129,38 @@ def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
         failed = {"ms": None, "peak_memory_mib": None, "memory_measure": measure_name, "error": "out of memory"}
         return {name: dict(failed) for name in cases}
     results = {}
-    for name in cases:
+    for name, step in cases.items():
         measured: dict[str, Any] = {"ms": 1000 * statistics.median(times[name])}
         if device.type == "cpu":
             measured["cpu_ms"] = 1000 * statistics.median(cpu_times[name])
-        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name}
+        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name,
+                         **count_operations(step, device)}
     return results
+
+
+#: the CUDA runtime and driver calls that start work on the GPU
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                          "cudaLaunchCooperativeKernel", "cudaGraphLaunch"})
+CAST = "aten::_to_copy"
+#: ATen operators that allocate or view memory without running a kernel on it
+NO_KERNEL = frozenset({"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::resize_",
+                       "aten::_reshape_alias", "aten::alias", "aten::_unsafe_view", "aten::lift_fresh", "aten::set_"})
+
+
+def count_operations(step: Callable[[], Any], device: torch.device) -> dict[str, int]:
+    """Casts and launches of one call of `step` (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    events = profiler.events()
+    casts = sum(event.name == CAST for event in events)
+    if device.type == "cuda":
+        launches = sum(event.name in LAUNCH_CALLS for event in events)
+    else:
+        launches = sum(event.name.startswith("aten::") and event.name not in NO_KERNEL
+                       and not any(child.name.startswith("aten::") for child in event.cpu_children)
+                       for event in events)
+    return {"casts": casts, "launches": launches}
