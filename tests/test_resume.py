@@ -232,7 +232,8 @@ def stopped_checkpoint(path: Path, batch_size: int, mid_epoch: bool) -> Path:
     data = {"class_path": "mit_lightning.data.synthetic.SyntheticRefCOCODataModule",
             "init_args": {"root": "elsewhere", "train_images": 16, "batch_size": batch_size, "num_workers": 2}}
     progress = {"current": {"processed": 2 if mid_epoch else 4}, "is_last_batch": not mid_epoch}
-    torch.save({"mit_config": {"data": data}, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}, path)
+    loops = {"fit_loop": {"epoch_loop.batch_progress": progress}, "validate_loop": {}, "test_loop": {}, "predict_loop": {}}
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}, "mit_config": {"data": data}, "loops": loops}, path)
     return path
 
 
