@@ -300,3 +300,19 @@ def test_a_newer_resumable_step_checkpoint_counts_as_last(tmp_path):
     time.sleep(0.01)
     torch.save(resumable, folder / "epoch=1-step=57.ckpt")
     assert latest_checkpoint(trainer_config) == folder / "epoch=1-step=57.ckpt"
+
+
+def test_resuming_mid_epoch_on_a_dataset_of_another_size_is_refused():
+    from mit_lightning.data.sampling import ResumableLoader
+
+    def loader(length: int, position: int) -> ResumableLoader:
+        sampler = EpochShuffle(length, seed=0)
+        sampler.resume_at(position)
+        return ResumableLoader(list(range(length)), sampler=sampler, batch_size=4)
+
+    saved = {"seed": 0, "length": 49}
+    loader(49, 8).load_state_dict(saved)  # the same data: goes on
+    with pytest.raises(UserError, match="49.*51.*twice"):
+        loader(51, 8).load_state_dict(saved)
+    with pytest.warns(UserWarning, match="epoch end"):
+        loader(51, 0).load_state_dict(saved)
