@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mit_lightning.compare as package
-from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.plots import write_plots
 from mit_lightning.compare.table import Row, markdown, metric_columns, paired_markdown, write_csv
 from mit_lightning.errors import UserError
 from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
 from mit_lightning.interrupt import run_child
+from mit_lightning.measuring import positive_int
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
