@@ -111,7 +111,8 @@ class LatestCheckpoint(Checkpoint):
                                 f"writes them ({type(error).__name__}: {error}); the file was altered.") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()
+        if trainer.world_size == 1:  # one rank stopping alone would leave the others waiting in a collective
+            self.stop.install()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
