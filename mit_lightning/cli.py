@@ -49,6 +49,7 @@ from mit_lightning.resume import (
     check_resumed_data,
     checkpoint_folders,
     disable_save_last,
+    follow_moved_run,
     resolve_ckpt_path,
     run_version,
 )
@@ -294,6 +295,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     stored = stored_run_config(load_weights_file(path), path, args)
     if stored is None:
         return args
+    follow_moved_run(stored, path)
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
 
 
