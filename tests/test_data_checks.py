@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
+from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.data.refer import RefCOCODataModule
+from mmsa_fixtures import make_mmsa, write_pickle
+from refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
 from mit_lightning.errors import UserError
 
 
@@ -181,3 +183,88 @@ def test_refcoco_instances_that_are_not_utf8_are_one_line(refer):
     refer.instances.write_bytes(b'{"images": [{"file_name": "caf\xe9"}]}')
     with pytest.raises(UserError, match="not a COCO-style instances file"):
         refer_samples(refer)
+
+
+# === CMU-MOSI / CMU-MOSEI ===========================================================================
+
+
+def mmsa_setup(tmp_path: Path, edit: Callable[[dict], None], aligned: bool = False) -> MMSADataModule:
+    data = make_mmsa(aligned=aligned)
+    edit(data)
+    path = write_pickle(tmp_path / "mosi.pkl", data)
+    module = MMSADataModule(root="unused", file=str(path), aligned=aligned, num_workers=0)
+    module.setup("fit")
+    return module
+
+
+def _no_steps(key: str) -> Callable[[dict], None]:
+    def edit(data: dict) -> None:
+        data["train"][key] = data["train"][key][:, :0]
+    return edit
+
+
+def _no_features(data: dict) -> None:
+    data["train"]["audio"] = data["train"]["audio"][:, :, :0]
+
+
+def _lengths(key: str, value: float) -> Callable[[dict], None]:
+    def edit(data: dict) -> None:
+        data["train"][key] = [value] + list(data["train"][key][1:])
+    return edit
+
+
+@pytest.mark.parametrize("edit, aligned, message", [
+    (_no_steps("audio"), False, "'audio' has shape (6, 0, 5)"),
+    (_no_steps("vision"), True, "'vision' has shape (6, 0, 20)"),
+    (_no_features, True, "'audio' has shape (6, 50, 0)"),
+    (_lengths("audio_lengths", float("nan")), False, "NaN or infinite lengths"),
+    (_lengths("vision_lengths", float("inf")), False, "NaN or infinite lengths"),
+], ids=["no-audio-steps", "no-vision-steps", "no-features", "nan-length", "infinite-length"])
+def test_mmsa_sequences_without_steps_stop_setup_naming_the_file(tmp_path, edit, aligned, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        mmsa_setup(tmp_path, edit, aligned)
+    assert "mosi.pkl' split 'train'" in str(error.value)
+
+
+def _all_non_finite(value: float) -> Callable[[dict], None]:
+    def edit(data: dict) -> None:
+        data["train"]["audio"][2] = value
+    return edit
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), float("inf")], ids=["nan", "-inf", "+inf"])
+def test_mmsa_a_clip_without_any_finite_feature_is_counted_by_id(tmp_path, caplog, value):
+    module = mmsa_setup(tmp_path, _all_non_finite(value), aligned=True)
+    messages = warnings_of(caplog)
+    assert any("MOSI train audio: clips with no finite feature at all, served as zeros: 1 repaired (first: id "
+               "trainvideo01$_$1)" in message for message in messages), messages
+    assert any("MOSI train audio" in message and "non-finite feature values replaced by 0" in message
+               for message in messages)
+    assert module.train_dataset[2]["audio"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("length, message", [(-3, "clips without frames, served as one zero step"),
+                                             (0, "clips without frames, served as one zero step"),
+                                             (10_000, "clips longer than the 12 steps stored, read as 12")],
+                         ids=["negative", "zero", "beyond-the-steps"])
+def test_mmsa_lengths_outside_the_steps_are_clipped_and_counted(tmp_path, caplog, length, message):
+    module = mmsa_setup(tmp_path, _lengths("audio_lengths", length))
+    assert 1 <= int(module.train_dataset[0]["audio_mask"].sum()) <= 12
+    assert any("MOSI train audio" in line and message in line and "trainvideo00$_$1" in line
+               for line in warnings_of(caplog))
+
+
+def _repeat_id_in_split(data: dict) -> None:
+    data["train"]["id"][1] = data["train"]["id"][0]
+
+
+def _id_in_two_splits(data: dict) -> None:
+    data["test"]["id"] = np.array([data["train"]["id"][0], *data["test"]["id"][1:]])
+
+
+@pytest.mark.parametrize("edit, message", [(_repeat_id_in_split, "clips listed more than once in split 'train'"),
+                                           (_id_in_two_splits, "clips in more than one split")],
+                         ids=["repeated-in-split", "in-two-splits"])
+def test_mmsa_repeated_clip_ids_are_counted(tmp_path, caplog, edit, message):
+    mmsa_setup(tmp_path, edit)
+    assert any(message in line and "trainvideo00$_$1" in line for line in warnings_of(caplog))

@@ -46,6 +46,10 @@ class SetupReport:
         """`record` is kept with its text repaired; `what` says how."""
         self._records.setdefault(("repaired", what), []).append(record)
 
+    def note(self, record: str, what: str) -> None:
+        """`record` is kept as it is, but the user should know `what` about it."""
+        self._records.setdefault(("kept", what), []).append(record)
+
     def log(self) -> None:
         for (verb, what), records in self._records.items():
             more = ", ..." if len(records) > RECORDS_SHOWN else ""
