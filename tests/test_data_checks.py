@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from classification_fixtures import write_food101, write_snli_ve
+from mit_lightning.data.food101 import Food101DataModule
 from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.data.refer import RefCOCODataModule
+from mit_lightning.data.snli_ve import SNLIVEDataModule
 from mmsa_fixtures import make_mmsa, write_pickle
 from refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
 from mit_lightning.errors import UserError
@@ -268,3 +271,99 @@ def _id_in_two_splits(data: dict) -> None:
 def test_mmsa_repeated_clip_ids_are_counted(tmp_path, caplog, edit, message):
     mmsa_setup(tmp_path, edit)
     assert any(message in line and "trainvideo00$_$1" in line for line in warnings_of(caplog))
+
+
+# === UPMC-Food101 and SNLI-VE ======================================================================
+
+
+def food_setup(tmp_path: Path, first_lines: list[str] = (), last_lines: list[str] = ()) -> Food101DataModule:
+    root = tmp_path / "food101"
+    write_food101(root)
+    titles = root / "texts" / "train_titles.csv"
+    titles.write_text("".join(f"{line}\n" for line in first_lines) + titles.read_text() +
+                      "".join(f"{line}\n" for line in last_lines))
+    module = Food101DataModule(root=str(root), image_size=16, val_size=0.25, num_workers=0)
+    module.setup("fit")
+    return module
+
+
+@pytest.mark.parametrize("header", ["image_filename,title,class", "filename,text,label", "Image,Title,Class",
+                                    "# image_filename,title,class", '"image_filename","title","class"',
+                                    "\ufeffimage_filename,title,class", "id,title,category"])
+def test_food101_a_header_line_is_skipped_and_said_not_made_a_class(tmp_path, caplog, header):
+    module = food_setup(tmp_path, first_lines=[header])
+    assert module.class_names == ["apple_pie", "beignets", "churros"]
+    assert any("is a header" in message for message in warnings_of(caplog))
+
+
+def test_food101_a_first_row_that_is_a_sample_is_kept(tmp_path, caplog):
+    module = food_setup(tmp_path, first_lines=["image.jpg,title,churros"])
+    assert module.class_names == ["apple_pie", "beignets", "churros"]
+    assert not any("is a header" in message for message in warnings_of(caplog))
+
+
+@pytest.mark.parametrize("line", ["apple_pie_1.jpg,,apple_pie", "apple_pie_1.jpg,   ,apple_pie"], ids=["empty", "blank"])
+def test_food101_a_row_without_a_title_is_excluded_and_counted(tmp_path, caplog, line):
+    food_setup(tmp_path, last_lines=[line])
+    assert any("rows with an empty title" in message for message in warnings_of(caplog))
+
+
+@pytest.mark.parametrize("line", ["../../etc/passwd,title,apple_pie", "a.jpg,title,../apple_pie", ",title,apple_pie",
+                                  "a.jpg,title,", "..,title,apple_pie"],
+                         ids=["file-outside", "class-outside", "no-file", "no-class", "dot-dot"])
+def test_food101_a_row_naming_no_plain_file_stops_setup_naming_the_line(tmp_path, line):
+    with pytest.raises(UserError, match="must be plain names"):
+        food_setup(tmp_path, last_lines=[line])
+
+
+def test_food101_a_class_without_training_images_is_said(tmp_path, caplog):
+    food_setup(tmp_path, last_lines=["missing_0.jpg,A lost dish,durian_cake"])
+    assert any("1 of the 4 classes have no training sample (first: durian_cake)" in message
+               for message in warnings_of(caplog))
+
+
+def snli_setup(tmp_path: Path, pair: dict) -> SNLIVEDataModule:
+    root = tmp_path / "snli_ve"
+    write_snli_ve(root)
+    train = root / "snli_ve_train.jsonl"
+    base = {"gold_label": "entailment", "sentence2": "Dogs run.", "Flickr30K_ID": "1000092795"}
+    train.write_text(train.read_text() + json.dumps({**base, **pair}) + "\n")
+    module = SNLIVEDataModule(root=str(root), image_size=16, num_workers=0)
+    module.setup("fit")
+    return module
+
+
+@pytest.mark.parametrize("image_id", [None, [1], True, "", "../../etc/passwd", "a/b", 1.5, {"id": 1}],
+                         ids=["none", "list", "bool", "empty", "outside", "subfolder", "float", "dict"])
+def test_snli_ve_an_image_id_naming_no_plain_file_stops_setup_naming_the_line(tmp_path, image_id):
+    with pytest.raises(UserError, match="snli_ve_train.jsonl, line 5: Flickr30K_ID"):
+        snli_setup(tmp_path, {"Flickr30K_ID": image_id})
+
+
+def test_snli_ve_a_numeric_image_id_names_its_file(tmp_path):
+    module = snli_setup(tmp_path, {"Flickr30K_ID": 1000092795})
+    assert len(module.train_dataset) == 5
+
+
+@pytest.mark.parametrize("hypothesis", ["", "   ", "\n\t"], ids=["empty", "spaces", "whitespace"])
+def test_snli_ve_an_empty_hypothesis_is_excluded_and_counted(tmp_path, caplog, hypothesis):
+    module = snli_setup(tmp_path, {"sentence2": hypothesis})
+    assert len(module.train_dataset) == 4
+    assert any("pairs without hypothesis text" in message for message in warnings_of(caplog))
+
+
+@pytest.mark.parametrize("sentence", ["", "  "], ids=["empty", "blank"])
+def test_refcoco_an_empty_sentence_is_excluded_and_counted(refer, caplog, sentence):
+    edit_refs(refer, lambda records: records[2]["sentences"][0].update(sent=sentence))
+    samples = refer_samples(refer)["val"]
+    assert 20 not in [sample["sent_id"] for sample in samples]
+    assert any("sentences without 'sent' text" in message for message in warnings_of(caplog))
+
+
+@pytest.mark.parametrize("text", ["", "   "], ids=["empty", "blank"])
+def test_mmsa_an_empty_raw_text_is_excluded_and_counted(tmp_path, caplog, text):
+    def edit(data: dict) -> None:
+        data["train"]["raw_text"] = np.array([text, *data["train"]["raw_text"][1:]], dtype=object)
+    module = mmsa_setup(tmp_path, edit, aligned=True)
+    assert len(module.train_dataset) == 5
+    assert any("raw_text is not text" in message for message in warnings_of(caplog))

@@ -222,7 +222,7 @@ class MMSADataModule(MiTDataModule):
         texts = [as_text(value, f"id {id_}", report) for value, id_ in zip(raw_texts, ids)]
         for text, id_ in zip(texts, ids):
             if text is None:
-                report.exclude(f"id {id_}", "clips whose raw_text is not text (null, a number, ...)")
+                report.exclude(f"id {id_}", "clips whose raw_text is not text (null, empty, a number, ...)")
         report.log()
         if self.aligned and any(f"{MODALITY_KEYS[name]}_lengths" in raw for name in self.modalities):
             log.warning("%s has sequence lengths but data.aligned=true: every step is read as real.", where)

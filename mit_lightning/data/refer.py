@@ -297,7 +297,7 @@ def ref_sentences(ref: Ref, field: str, source: Path, report: SetupReport) -> tu
         seen.add(sentence["sent_id"])
         texts = {name: as_text(sentence.get(name), record, report) for name in SENTENCE_FIELDS}
         if texts[field] is None:
-            report.exclude(record, f"sentences without '{field}' text (null, missing or not a string)")
+            report.exclude(record, f"sentences without '{field}' text (null, empty, missing or not a string)")
             continue
         texts = {name: text if text is not None else texts[field] for name, text in texts.items()}
         kept.append(Sentence(int(sentence["sent_id"]), texts["sent"].lower(), texts["raw"]))
