@@ -20,6 +20,7 @@ from mit_lightning.data.food101 import Food101DataModule
 from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.data.refer import RefCOCODataModule
 from mit_lightning.data.snli_ve import SNLIVEDataModule
+from mit_lightning.data.synthetic import MARKER, SyntheticRefCOCODataModule, write_synthetic_refer
 from mmsa_fixtures import make_mmsa, write_pickle
 from refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
 from mit_lightning.errors import UserError
@@ -367,3 +368,50 @@ def test_mmsa_an_empty_raw_text_is_excluded_and_counted(tmp_path, caplog, text):
     module = mmsa_setup(tmp_path, edit, aligned=True)
     assert len(module.train_dataset) == 5
     assert any("raw_text is not text" in message for message in warnings_of(caplog))
+
+
+# === the synthetic demo dataset =====================================================================
+
+SMALL = {"train_images": 2, "val_images": 1, "test_images": 1}
+
+
+def _parent_is_a_file(root: Path) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    (root.parent / "notes").write_text("x")
+    return root.parent / "notes" / "demo"
+
+
+def _marker_not_json(root: Path) -> Path:
+    write_synthetic_refer(root, **SMALL)
+    (root / MARKER).write_text("{not json")
+    return root
+
+
+def _other_settings(root: Path) -> Path:
+    write_synthetic_refer(root, **SMALL)
+    return write_synthetic_refer(root, **{**SMALL, "train_images": 3}) and root
+
+
+def _root_is_a_file(root: Path) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("make, message", [
+    (_parent_is_a_file, "is a file, not a folder"),
+    (_marker_not_json, "generated with other settings"),
+    (_other_settings, "generated with other settings"),
+    (_root_is_a_file, "is not a complete synthetic dataset"),
+], ids=["parent-is-a-file", "marker-not-json", "other-settings", "root-is-a-file"])
+def test_synthetic_a_root_that_cannot_hold_the_dataset_is_one_line(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        write_synthetic_refer(make(tmp_path / "data" / "demo"), **SMALL)
+
+
+def test_synthetic_images_removed_after_generation_stop_setup_naming_them(tmp_path):
+    module = SyntheticRefCOCODataModule(root=str(tmp_path / "demo"), image_size=16, num_workers=0, **SMALL)
+    module.prepare_data()
+    next((tmp_path / "demo" / "images" / "train2014").iterdir()).unlink()
+    with pytest.raises(UserError, match="missing from"):
+        module.setup("fit")
