@@ -128,5 +128,5 @@ class PredictionWriter(BasePredictionWriter):
         mask_path.parent.mkdir(exist_ok=True)
         overlay_path.parent.mkdir(exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(load_rgb(row["image_path"]), mask).save(overlay_path)
+        overlay(load_rgb(row["image_path"], upright=False), mask).save(overlay_path)  # the mask's (dataset's) frame
         return {"mask": str(mask_path), "overlay": str(overlay_path)}
