@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mit_lightning.errors import UserError
+from mit_lightning.metrics.names import current_names
 
 RESULTS_FILE = "test_metrics.json"
 
 
 def find_results(directory: Path, name: str = RESULTS_FILE) -> dict[str, float] | None:
-    """The newest `name` written under a run directory, if any: a JSON mapping (of metric names to numbers).
+    """The newest `name` written under a run directory, if any: a JSON mapping (of metric names to numbers);
+    test metrics by their current names, so results written before a rename are still reused.
 
     A file in another form (not JSON, cut short, other values) is one line naming it: reused as it was, it
     would fill a table with whatever it holds, or end in a traceback.
@@ -33,7 +35,7 @@ def find_results(directory: Path, name: str = RESULTS_FILE) -> dict[str, float] 
     if not expected:
         what = "metric names to numbers" if metrics else "names to values"
         raise UserError(f"'{path}' does not map {what} as a run writes it. Delete it to run that experiment again.")
-    return results
+    return current_names(results) if metrics else results
 
 
 def missing_inputs(config) -> list[str]:
@@ -55,6 +57,11 @@ def missing_inputs(config) -> list[str]:
         except UserError as error:
             problems.append(str(error))
     return problems
+
+
+def config_args(configs: Iterable[str | Path]) -> list[str]:
+    """`--config A --config B ...`: config files applied in order (a task config, then overlays)."""
+    return [arg for config in configs for arg in ("--config", str(config))]
 
 
 def split_at_dashes(argv: Sequence[str]) -> tuple[list[str], list[str]]:
