@@ -36,6 +36,7 @@ CLASS_PATHS = (
     "mit_lightning.resume.LatestCheckpoint",
     "mit_lightning.callbacks.PredictionWriter",
     "mit_lightning.compare.cost.TrainingCost",
+    "mit_lightning.release_evaluation.ReleaseEvaluation",
     # PyTorch optimizers and schedules (those that take plain settings; LambdaLR & co. take functions)
     "torch.optim.Adam",
     "torch.optim.AdamW",
