@@ -48,22 +48,25 @@ def comparison(tmp_path_factory):
 
 def test_every_strategy_trains_with_each_seed_and_the_tables_are_written(comparison: Path):
     table = (comparison / "comparison.md").read_text()
-    assert "| strategy | oIoU | mIoU | trainable parameters | step time (ms) | peak memory (MiB) |" in table
+    assert ("| strategy | oIoU | mIoU | trainable parameters | step time (ms) | CPU time per step (ms) "
+            "| peak memory (MiB) |") in table
+    assert "CPU threads per run: 1" in table  # no CUDA GPU here: every run pinned to one thread
     with open(comparison / "comparison.csv") as file:
         runs = [(row["strategy"], row["seed"], row) for row in csv.DictReader(file)]
     assert [(name, seed) for name, seed, _ in runs] == [("mit", "0"), ("late_addition", "0"), ("mit", "1"),
                                                          ("late_addition", "1")]
     for name, seed, row in runs:
-        assert row["problem"] == "" and 0 <= float(row["test/test/oIoU"]) <= 1
+        assert row["problem"] == "" and 0 <= float(row["test/oIoU"]) <= 1
         assert float(row["step_ms"]) > 0 and int(row["steps_timed"]) >= 1
+        assert float(row["step_cpu_ms"]) > 0 and int(row["threads"]) == 1 and float(row["load_per_core"]) >= 0
         # the count is what the run trained: a checkpoint holds exactly the trainable weights
         checkpoint = next((comparison / name / f"seed_{seed}").rglob("last.ckpt"))
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
         assert int(row["trainable_parameters"]) == sum(tensor.numel() for tensor in saved.values())
         config = yaml.safe_load(next((comparison / name / f"seed_{seed}").rglob("config.yaml")).read_text())
         assert config["seed_everything"] == int(seed)
-    mit = [float(row["test/test/oIoU"]) for name, _, row in runs if name == "mit"]
-    late = [float(row["test/test/oIoU"]) for name, _, row in runs if name == "late_addition"]
+    mit = [float(row["test/oIoU"]) for name, _, row in runs if name == "mit"]
+    late = [float(row["test/oIoU"]) for name, _, row in runs if name == "late_addition"]
     mean, sd = sum(mit) / 2, abs(mit[0] - mit[1]) / 2**0.5
     assert f"| mit | {mean:.4f} ± {sd:.4f} | " in table  # mean ± sample sd over the two seeds
     difference = [b - a for a, b in zip(mit, late)]
@@ -183,26 +186,27 @@ def test_pill_stage2_trains_from_the_checkpoint_stage1_left(tmp_path):
 def test_metrics_get_a_column_per_test_split_and_a_failed_run_a_note():
     rows = [
         Row("mit", {"test/testA/oIoU": 0.5, "test/testB/oIoU": 0.25, "test/testA/loss": 1.0},
-            {"trainable_parameters": 1234567, "step_ms": 12.345, "peak_memory_mib": 100.4}),
+            {"trainable_parameters": 1234567, "step_ms": 12.345, "step_cpu_ms": 11.04, "peak_memory_mib": 100.4}),
         Row("concat", problem="mit fit failed (exit code 1), see x/fit.log"),
     ]
     assert metric_columns(rows, ["oIoU"]) == [("oIoU testA", "test/testA/oIoU"), ("oIoU testB", "test/testB/oIoU")]
     lines = markdown(rows, ["oIoU"]).splitlines()
-    assert lines[0] == "| strategy | oIoU testA | oIoU testB | trainable parameters | step time (ms) | peak memory (MiB) |"
-    assert lines[2] == "| mit | 0.5000 | 0.2500 | 1,234,567 | 12.3 | 100 |"
-    assert lines[3] == "| concat | — | — | — | — | — |"
+    assert lines[0] == ("| strategy | oIoU testA | oIoU testB | trainable parameters | step time (ms) "
+                        "| CPU time per step (ms) | peak memory (MiB) |")
+    assert lines[2] == "| mit | 0.5000 | 0.2500 | 1,234,567 | 12.3 | 11.0 | 100 |"
+    assert lines[3] == "| concat | — | — | — | — | — | — |"
     assert lines[-1] == "- concat: mit fit failed (exit code 1), see x/fit.log"
 
 
 def test_two_seeds_give_mean_and_sample_standard_deviation_and_a_paired_interval():
-    rows = [Row("mit", {"test/test/oIoU": 0.5}, {"trainable_parameters": 10, "step_ms": 2.0}, seed=0),
-            Row("mit", {"test/test/oIoU": 0.7}, {"trainable_parameters": 10, "step_ms": 4.0}, seed=1),
-            Row("concat", {"test/test/oIoU": 0.4}, {"trainable_parameters": 30, "step_ms": 9.0}, seed=0),
-            Row("concat", {"test/test/oIoU": 0.8}, {"trainable_parameters": 30, "step_ms": 9.0}, seed=1)]
+    rows = [Row("mit", {"test/oIoU": 0.5}, {"trainable_parameters": 10, "step_ms": 2.0}, seed=0),
+            Row("mit", {"test/oIoU": 0.7}, {"trainable_parameters": 10, "step_ms": 4.0}, seed=1),
+            Row("concat", {"test/oIoU": 0.4}, {"trainable_parameters": 30, "step_ms": 9.0}, seed=0),
+            Row("concat", {"test/oIoU": 0.8}, {"trainable_parameters": 30, "step_ms": 9.0}, seed=1)]
     lines = markdown(rows, ["oIoU"]).splitlines()
     # mean 0.6, sd sqrt(((0.1)² + (0.1)²) / 1) = 0.1414; step 3.0 ± 1.4142
-    assert lines[2] == "| mit | 0.6000 ± 0.1414 | 10 ± 0 | 3.0 ± 1.4 | — |"
-    assert lines[3] == "| concat | 0.6000 ± 0.2828 | 30 ± 0 | 9.0 ± 0.0 | — |"
+    assert lines[2] == "| mit | 0.6000 ± 0.1414 | 10 ± 0 | 3.0 ± 1.4 | — | — |"  # no CPU time, no memory given
+    assert lines[3] == "| concat | 0.6000 ± 0.2828 | 30 ± 0 | 9.0 ± 0.0 | — | — |"
     # differences −0.1 and +0.1: mean 0, sd 0.1414, half width 12.706 · 0.1414 / √2 = 1.2706
     paired = paired_markdown(rows, ["oIoU"]).splitlines()
     assert paired[0] == "| strategy − mit | oIoU |"
@@ -242,3 +246,11 @@ def test_seeds_start_at_the_given_or_the_configs_seed():
     assert compare.seed_list(2, 2, 7) == [2, 3]
     assert compare.seed_list(None, 1, True) == [None]  # a random seed stays the config's
     assert compare.seed_list(None, 2, None) == [0, 1]
+
+
+def test_runs_are_pinned_to_their_threads_and_a_busy_machine_is_named(tmp_path):
+    assert {compare.thread_environment(2)[name] for name in compare.THREAD_VARIABLES} == {"2"}
+    rows = [Row("mit", {"test/oIoU": 0.5}, {"step_ms": 10.0, "load_per_core": 0.5}),
+            Row("pill", {"test/oIoU": 0.4}, {"step_ms": 30.0, "load_per_core": 3.25})]
+    text = compare.report(tmp_path, rows, ["oIoU"], ["## header"])
+    assert "load reached 3.2 per CPU core while pill ran" in text and "while mit ran" not in text

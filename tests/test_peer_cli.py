@@ -110,7 +110,7 @@ def test_each_method_trains_and_tests_on_the_demo(runs, name):
     run = runs[name]
     assert run.cli.model.fusion.__class__.__name__ == OVERLAYS[name].rsplit(".", 1)[1]
     assert Path(run.cli.trainer.log_dir).parent.name == name
-    assert {"test/test/oIoU", "test/test/mIoU", "test/test/prec@0.5"} <= set(run.metrics)
+    assert {"test/oIoU", "test/mIoU", "test/prec@0.5"} <= set(run.metrics)
     assert all(math.isfinite(value) for value in run.metrics.values())
 
 
@@ -197,4 +197,4 @@ def test_pill_reads_the_mosi_frames_as_tokens_end_to_end(tmp_path):
     assert list(model.fusion.tokens.projectors) == ["audio", "facial"] and model.fusion.vision_blocks == ()
     assert len(model.sequence_encoders) == 0  # the frames are read as tokens, not encoded to vectors
     metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
-    assert all(math.isfinite(metrics[f"test/test/{name}"]) for name in SENTIMENT_METRIC_NAMES)
+    assert all(math.isfinite(metrics[f"test/{name}"]) for name in SENTIMENT_METRIC_NAMES)

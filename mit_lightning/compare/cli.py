@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,18 +15,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mit_lightning.compare as package
-from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.plots import write_plots
 from mit_lightning.compare.table import Row, markdown, metric_columns, paired_markdown, write_csv
 from mit_lightning.errors import UserError
-from mit_lightning.experiments import find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.interrupt import run_child
+from mit_lightning.measuring import positive_int
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
 COST_CALLBACK = "mit_lightning.compare.TrainingCost"
 #: `model.init_weights: ${MIT_<STRATEGY>_CKPT}` in an overlay: it starts from that strategy's trained weights
 #: (PILL stage 2 from stage 1); compare runs that strategy first and hands its last checkpoint over
+#: the environment variables that set a run's CPU threads (torch's intra-op pool follows OMP_NUM_THREADS)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STARTS_FROM = re.compile(r"^\$\{MIT_(?P<name>[A-Z0-9_]+)_CKPT\}$")
 
 
@@ -51,21 +53,8 @@ def available_strategies(folder: Path) -> dict[str, Path]:
     return dict(sorted(overlays.items(), key=lambda item: (item[0] != "mit", item[0])))
 
 
-def _parse(args: list[str]):
-    """The run config of `mit fit <args>`; a config error becomes a UserError with jsonargparse's message."""
-    from mit_lightning.cli import parse_run_config
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            return parse_run_config(args)
-    except SystemExit:
-        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
-        raise UserError(" ".join(message.split())) from None
-
-
 def fit_args(configs: Sequence[str], overlay: Path, budget: list[str], extra: list[str]) -> list[str]:
-    return [*(arg for config in configs for arg in ("--config", config)), "--config", str(overlay), *budget, *extra]
+    return [*config_args([*configs, overlay]), *budget, *extra]
 
 
 def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
@@ -78,7 +67,9 @@ def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
 def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str],
           strategies: Sequence[str] = ()) -> Strategy:
     """Parse the strategy's config and check its weights and data paths; nothing is loaded."""
-    config = _parse(fit_args(configs, overlay, budget, extra))
+    from mit_lightning.cli import parse_run_config
+
+    config = parse_run_config(fit_args(configs, overlay, budget, extra))
     logger = config.trainer.logger
     if isinstance(logger, list):
         raise UserError("mit compare gives every strategy its own log folder, which it cannot do for a list of "
@@ -133,17 +124,18 @@ def new_folder(root: Path) -> Path:
 def same_optimizer(configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
     """Arguments giving every strategy the task config's optimizer and schedule, every argument spelled out
     (an overlay's own values, e.g. PILL's betas, would otherwise survive a change of class)."""
+    from mit_lightning.cli import parse_run_config
     from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER
 
-    base = [arg for config in configs for arg in ("--config", config)]
-    config = _parse([*base, *budget, *extra])
+    base = [*config_args(configs), *budget, *extra]
+    config = parse_run_config(base)
     defaults = []
     if config.model.optimizer is None:
         defaults += ["--model.optimizer", json.dumps(DEFAULT_OPTIMIZER)]
     if config.model.lr_scheduler is None:
         defaults += ["--model.lr_scheduler", json.dumps(DEFAULT_LR_SCHEDULER)]
     if defaults:
-        config = _parse([*base, *budget, *extra, *defaults])
+        config = parse_run_config([*base, *defaults])
     return [argument for key in ("optimizer", "lr_scheduler")
             for argument in (f"--model.{key}", json.dumps(config.model[key].as_dict()))]
 
@@ -162,18 +154,40 @@ def command(strategy: Strategy, directory: Path, seed: int | None, start_checkpo
             "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
 
 
+def load_per_core() -> float | None:
+    """The machine's one-minute load average over its cores (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The environment of a run whose CPU threads are pinned to `threads` (None: torch's choice)."""
+    if threads is None:
+        return dict(os.environ)
+    return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+
+
 def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint: Path | None,
-        configs: Sequence[str], budget: list[str], extra: list[str]) -> Row:
-    """`mit fit ... --test_after_fit true` in a process of its own, in `directory`; its output goes to fit.log."""
+        configs: Sequence[str], budget: list[str], extra: list[str], threads: int | None = None) -> Row:
+    """`mit fit ... --test_after_fit true` in a process of its own, in `directory` (its CPU threads pinned to
+    `threads`); its output goes to fit.log. The machine's load is read before and after: above one per core, the
+    run's wall times include waiting for other processes, which is said on the console and in the table."""
     directory.mkdir(parents=True)
     log = directory / "fit.log"
     name = strategy.name + (f" (seed {seed})" if seed is not None else "")
     print(f"{name}: training (output in {log}) ...", end=" ", flush=True)
-    start = time.perf_counter()
+    start, loads = time.perf_counter(), [load_per_core()]
     with open(log, "w") as output:
-        code = subprocess.run(command(strategy, directory, seed, start_checkpoint, configs, budget, extra),
-                              stdout=output, stderr=subprocess.STDOUT).returncode
+        code = run_child(command(strategy, directory, seed, start_checkpoint, configs, budget, extra), stdout=output,
+                         stderr=subprocess.STDOUT, env=thread_environment(threads))
+    loads.append(load_per_core())
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
+    load = max((value for value in loads if value is not None), default=None)
+    if load is not None and load > 1:
+        print(f"Warning: while {strategy.name} ran, the load was {load:.1f} per CPU core: its step time (wall) "
+              "includes waiting for other processes; compare the CPU time per step instead.", file=sys.stderr)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         print(f"{name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
@@ -182,7 +196,7 @@ def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint:
     if metrics is None or cost is None:
         return Row(strategy.name, metrics or {}, cost or {}, problem=f"no test metrics or training cost under {directory}",
                    seed=seed)
-    return Row(strategy.name, metrics, cost, seed=seed)
+    return Row(strategy.name, metrics, {**cost, "load_per_core": load}, seed=seed)
 
 
 def summary_metrics(strategies: Sequence[Strategy]) -> tuple[str, ...]:
@@ -200,6 +214,11 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
             "cpu_peak_rss_rise": "rise of the process's peak resident memory during training (frozen weights, "
                                  "loaded before, not included; a rough figure).",
         }.get(memory, "not measured."),
+        "CPU time per step: the process's CPU time over the same steps, all its threads (on a busy machine the "
+        "steadier figure: wall time also counts waiting for other processes).",
+        *(f"Warning: the machine's load reached {row.cost['load_per_core']:.1f} per CPU core while {row.strategy} "
+          "ran: its step time includes waiting for other processes." for row in rows
+          if (row.cost.get("load_per_core") or 0) > 1),
         f"Runs, logs and checkpoints: {folder}/<strategy>/seed_<seed>/",
     ]
     paired = paired_markdown(rows, metrics)
@@ -214,6 +233,12 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
     (folder / "comparison.md").write_text(text + "\n")
     write_csv(folder / "comparison.csv", rows, metrics)
     return text
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -239,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=Path, default=Path(PEERS), help=f"the strategy overlays (default {PEERS})")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"),
                         help="each comparison gets a new version_<N> folder here (default runs/compare)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of every run (OMP/MKL), so that runs measured one after another use the same "
+                             "number whatever else runs; default: 1 without a CUDA GPU, else torch's choice")
     parser.add_argument("--list", action="store_true", help="list the strategies and exit")
     return parser
 
@@ -269,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget += same_optimizer(configs, budget, extra)
     strategies = plan(args.strategies, args.peers, configs, budget, extra)
     seeds = seed_list(args.seed, args.seeds, strategies[0].config.seed_everything)
+    threads = args.threads or (None if _has_cuda() else 1)
     folder = new_folder(args.runs)
     print(f"Comparing {', '.join(s.name for s in strategies)} in {folder}", flush=True)
     rows, directories = [], {}
@@ -284,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                             f"{strategy.starts_from} left no checkpoint", seed=seed))
                     continue
             directories.setdefault(strategy.name, []).append(directory)
-            rows.append(run(strategy, directory, seed, start_checkpoint, configs, budget, extra))
+            rows.append(run(strategy, directory, seed, start_checkpoint, configs, budget, extra, threads))
     metrics = args.metrics or summary_metrics(strategies)
     shown = ", ".join(str(seed) for seed in seeds) if seeds != [None] else "the config's"
     header = [f"## mit compare: {' + '.join(configs)}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}"
@@ -293,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "Optimiser: " + ("the task config's, for every strategy" if args.same_optimizer
                                else "each strategy's own recipe (its overlay's; the task config's where it sets none)"),
               *([f"Arguments given to every run: {' '.join(extra)}"] if extra else []),
+              *([f"CPU threads per run: {threads}"] if threads else []),
               *(f"{s.name} starts from the weights {s.starts_from} trained; its budget comes on top of that one's."
                 for s in strategies if s.starts_from)]
     plots = plot(folder, rows, metrics, directories)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mit_lightning.compare.stats import paired_difference, spread
+from mit_lightning.metrics.names import metric_name, split_of
 
 REFERENCE = "mit"
 
@@ -26,18 +27,19 @@ class Row:
 
 def metric_columns(rows: Sequence[Row], metrics: Sequence[str]) -> list[tuple[str, str]]:
     """(label, key of test_metrics.json) for each summary metric on each test split the runs reported."""
-    splits = sorted({key.split("/")[1] for row in rows for key in row.metrics if key.count("/") == 2})
+    splits = sorted({split_of(key) for row in rows for key in row.metrics} - {None})
     return [
-        (metric if len(splits) == 1 else f"{metric} {split}", f"test/{split}/{metric}")
+        (metric if len(splits) == 1 else f"{metric} {split}", metric_name("test", split, metric))
         for split in splits
         for metric in metrics
-        if any(f"test/{split}/{metric}" in row.metrics for row in rows)
+        if any(metric_name("test", split, metric) in row.metrics for row in rows)
     ]
 
 
 COST_COLUMNS = (  # label, key of training_cost.json, format
     ("trainable parameters", "trainable_parameters", "{:,.0f}"),
     ("step time (ms)", "step_ms", "{:.1f}"),
+    ("CPU time per step (ms)", "step_cpu_ms", "{:.1f}"),
     ("peak memory (MiB)", "peak_memory_mib", "{:.0f}"),
 )
 
@@ -109,7 +111,8 @@ def paired_markdown(rows: Sequence[Row], metrics: Sequence[str], reference: str 
 def write_csv(path: Path, rows: Sequence[Row], metrics: Sequence[str]) -> None:
     """Every run's raw values (no rounding, no thousands separators), one row per strategy and seed."""
     columns = metric_columns(rows, metrics)
-    cost_keys = [key for _, key, _ in COST_COLUMNS] + ["total_parameters", "steps_timed", "memory_measure"]
+    cost_keys = [key for _, key, _ in COST_COLUMNS] + ["total_parameters", "steps_timed", "threads", "memory_measure",
+                                                       "load_per_core"]
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["strategy", "seed", *(key for _, key in columns), *cost_keys, "problem"])

@@ -52,8 +52,8 @@ Init = Literal["identity", "default"]
 class InfusionPayload(TapPayload):
     """Per-batch inputs every infused layer reads: the vector I and which tokens are real."""
 
-    vector: torch.Tensor  # (B, d_I)
-    token_mask: torch.Tensor  # (B, T), 1 = real token
+    vector: torch.Tensor  # (B, d_I), in the maps' compute dtype
+    token_mask: torch.Tensor  # (B, T) float32, 1 = real token
 
 
 def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -114,7 +114,7 @@ class InfusionLayer(nn.Module):
 
     def _multiply_add(self, maps: nn.Linear, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d_I) → multiply and add terms shaped (B, H, 1, d) to broadcast over tokens."""
-        terms = maps(vector.to(maps.weight.dtype))
+        terms = maps(vector)
         multiply, add = terms.view(vector.shape[0], 2, self.num_kv_heads, 1, self.head_dim).unbind(dim=1)
         return multiply, add
 
@@ -144,8 +144,9 @@ class InfusionLayer(nn.Module):
         value_multiply, value_add = self._multiply_add(self.value_maps, payload.vector)
         gate = None
         if self.head_scale is not None:
-            similarity = head_cosine(value, value_add, payload.token_mask)
-            gate = torch.sigmoid(self.head_scale + similarity)[:, :, None, None]
+            similarity = head_cosine(value, value_add, payload.token_mask)  # in float32: a sum over T·d terms
+            # in the maps' dtype (bf16 under autocast): the small terms combine without a cast per operation
+            gate = torch.sigmoid(self.head_scale + similarity)[:, :, None, None].to(key_multiply.dtype)
         key_scale, key_shift = self._scale_shift(key_multiply, key_add, gate)
         value_scale, value_shift = self._scale_shift(value_multiply, value_add, gate)
         new_key = torch.addcmul(key_shift, key, key_scale)
@@ -154,7 +155,7 @@ class InfusionLayer(nn.Module):
 
     def infuse_ffn(self, activation: torch.Tensor, payload: InfusionPayload) -> torch.Tensor:
         """Eq. 7 on the gated-MLP activation (B, T, d_ff)."""
-        scale = self.ffn_map(payload.vector.to(self.ffn_map.weight.dtype))
+        scale = self.ffn_map(payload.vector)
         return (activation * scale[:, None, :]).to(activation.dtype)
 
 
@@ -222,9 +223,13 @@ class MiT(Fusion):
 
     def forward(self, llm: FrozenLLM, input_ids, attention_mask, inputs: FusionInputs) -> torch.Tensor:
         vector = torch.cat([inputs.vectors[name] for name in self.modalities], dim=-1)
-        payload = InfusionPayload(vector=vector, token_mask=attention_mask)
+        # cast once per call, not in every layer: to autocast's dtype (the maps' inputs would be cast to it) or the maps'
+        device = vector.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else next(self.infusions.parameters()).dtype)
+        payload = InfusionPayload(vector=vector.to(dtype), token_mask=attention_mask.to(torch.float32))
         hidden = llm(attention_mask, input_ids=input_ids, **{PAYLOAD_KWARG: payload})
-        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, "MiT")
+        check_reached(payload, self._taps, "MiT")
         return last_token(hidden, attention_mask)
 
 

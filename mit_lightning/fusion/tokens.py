@@ -200,5 +200,5 @@ class TokenFusion(Fusion):
         modality = torch.cat([torch.ones_like(token_mask), torch.zeros_like(attention_mask, dtype=torch.bool)], dim=1)
         payload = self.make_payload(modality)
         hidden = llm(mask, inputs_embeds=embeds, **{PAYLOAD_KWARG: payload})
-        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, self.method)
+        check_reached(payload, self._taps, self.method)
         return last_token(hidden, mask)

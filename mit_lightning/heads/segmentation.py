@@ -198,11 +198,18 @@ class ReferringSegmentation(TaskHead):
 
     def masks_at(self, output: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """One binary mask per sample at its (H, W), e.g. its image's original size, by the rule evaluation uses."""
-        return [self._binary(logits[None], size)[0] for logits, size in zip(output, sizes)]
+        return [probability > 0.5 for probability in self.probabilities_at(output, sizes)]
+
+    def probabilities_at(self, output: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each sample's foreground probability per pixel at its (H, W); the mask is where it exceeds 0.5."""
+        return [self._probability(logits[None], size)[0] for logits, size in zip(output, sizes)]
+
+    def _probability(self, logits: torch.Tensor, size) -> torch.Tensor:
+        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=self.align_corners)
+        return self.foreground_probability(logits)
 
     def _binary(self, logits: torch.Tensor, size) -> torch.Tensor:
-        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=self.align_corners)
-        return self.foreground_probability(logits) > 0.5
+        return self._probability(logits, size) > 0.5
 
     def make_metrics(self) -> MetricCollection:
         return MetricCollection(
