@@ -344,13 +344,14 @@ def test_seeds_run_every_experiment_once_per_seed_and_rows_show_mean_and_sd(avai
     write_results(runs / "mosi_text" / "seed_3" / "v0", sentiment_results(1.0))  # reused
     started: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool) -> None:
+    def fake_run(command: list[str]) -> int:
         started.append(command)
         seed = int(command[command.index("--seed_everything") + 1])
         write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0",
                       sentiment_results(0.5 if seed == 3 else 0.7))
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
     reproduce.main(["table6", "--runs", str(runs), "--seeds", "2", "--seed", "3"])
     assert len(started) == 2 * 5 - 1
     directories = {Path(command[command.index("--trainer.default_root_dir") + 1]).relative_to(runs) for command in started}
