@@ -8,6 +8,7 @@ the model, in files anyone can read without running code:
                            feature sizes, prompt format), the backbones' paths and fingerprints,
                            the precision it was trained in
     adapter.safetensors    the trainable weights
+    README.md              a model card: backbones, model, data, the run's test metrics, how to load it
 
 Both are read into the same `Adapter`; `mit_lightning.inference` rebuilds the model from it. Every
 class path a file names is checked before anything is imported (`check_stored_config`).
@@ -36,17 +37,20 @@ from mit_lightning.checkpoints import (
 )
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.errors import UserError, make_folder, user_error_in
 from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
 EXPORT_WEIGHTS = "adapter.safetensors"
+EXPORT_CARD = "README.md"
 EXPORT_FORMAT = "mit-lightning-adapter"
 EXPORT_VERSION = 1
 #: the folders a run's checkpoints sit in below its root folder (logger name, version, checkpoints)
 RUN_SUBFOLDERS = re.compile(r"^(checkpoints|version_\d+|tensorboard|lightning_logs)$")
 #: model settings that only concern training: not needed, and not kept, to use a model
 TRAINING_ONLY = ("optimizer", "lr_scheduler", "allow_other_backbones")
+#: data settings that say where the files were on the training machine, or how they were loaded: not exported
+LOCAL_DATA_SETTINGS = ("root", "batch_size", "eval_batch_size", "num_workers")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Adapter:
     backbones: dict[str, Any]
     weights: dict[str, torch.Tensor]
     precision: str | None = None
+    data: dict[str, Any] | None = None  # the run's data config (class path, settings), for the model card
 
     @property
     def name(self) -> str:
@@ -109,10 +114,11 @@ def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=path,
         model=_usable(stored["model"]),
-        data_spec=recorded_data_spec(spec, path) if spec else spec_from_data_config(stored.get("data"), path),
+        data_spec=recorded_data_spec(spec, path) if spec is not None else spec_from_data_config(stored.get("data"), path),
         backbones=recorded_backbones(checkpoint, path) or {},
         weights=checkpoint["state_dict"],
         precision=(stored.get("trainer") or {}).get("precision"),
+        data=stored.get("data"),
     )
 
 
@@ -158,7 +164,8 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
     if config.get("version") != EXPORT_VERSION:
         raise UserError(f"'{config_path}' is version {config.get('version')} of the export format; this mit-lightning "
                         f"reads version {EXPORT_VERSION}. Export the checkpoint again with this version.")
-    check_stored_config({"model": config.get("model")}, config_path, user_args)
+    check_stored_config({"model": config.get("model"), **({"data": config["data"]} if config.get("data") else {})},
+                        config_path, user_args)
     return Adapter(
         source=folder,
         model=config["model"],
@@ -166,6 +173,7 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
         backbones=recorded_backbones({BACKBONES_ENTRY: config.get("backbones")}, config_path) or {},
         weights=_load_safetensors(weights_path),
         precision=config.get("precision"),
+        data=config.get("data"),
     )
 
 
@@ -185,35 +193,73 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
     `dtype` stores the floating-point weights in another precision (bfloat16 halves the files; they are
     cast back to the model's parameters' dtype on loading).
 
-    With `overwrite`, only the export's own two files are replaced. Each file is written beside its final
-    name and renamed over it, so an interrupted export never leaves a half-written file in place.
+    With `overwrite`, only the export's own files are replaced. Each file is written beside its final
+    name and renamed over it, so an interrupted export never leaves a half-written file in place. The files
+    are readable by others as the umask allows (an export is made to be shared), and name no absolute local path
+    but the backbones' (which loading falls back on).
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"'{folder}' is a file; give a folder to export into.")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+    hint = "Give a new or empty folder to export into."
+    folder = make_folder(folder, "The export folder", hint)
+    if any(folder.iterdir()) and not overwrite:
         raise UserError(f"'{folder}' is not empty; export into a new or empty folder, or add --overwrite to replace "
                         "an earlier export there.")
-    folder.mkdir(parents=True, exist_ok=True)
     weights = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
                .detach().contiguous().clone() for name, tensor in adapter.weights.items()}
-    partial = folder / f".{EXPORT_WEIGHTS}.partial"
-    save_file(weights, partial, metadata={"format": "pt"})
-    os.replace(partial, folder / EXPORT_WEIGHTS)
+    data = without_local_settings(adapter.data)
     config = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "task": adapter.task,
-        "exported_from": str(adapter.source.resolve()),
+        "exported_from": shareable_path(adapter.source),
         "parameters": adapter.parameter_count,
         "precision": adapter.precision,
         "backbones": adapter.backbones,
         "data_spec": adapter.data_spec.to_record(),
+        "data": data,
         "model": adapter.model,
     }
-    partial = folder / f".{EXPORT_CONFIG}.partial"
-    partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, folder / EXPORT_CONFIG)
+    try:
+        _write_files(adapter, folder, weights, config, data)
+    except OSError as error:
+        raise UserError(f"Cannot write the export into '{folder}' ({error.strerror or error}). {hint}") from None
     return folder
+
+
+def _write_files(adapter: Adapter, folder: Path, weights: dict[str, torch.Tensor], config: dict[str, Any],
+                 data: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    from mit_lightning.model_card import model_card, run_metrics
+
+    _replace(folder / EXPORT_WEIGHTS, lambda partial: save_file(weights, partial, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2) + "\n"
+    _replace(folder / EXPORT_CONFIG, lambda partial: partial.write_text(text, encoding="utf-8"))
+    card = model_card(adapter, folder.name, data, run_metrics(adapter.source))
+    _replace(folder / EXPORT_CARD, lambda partial: partial.write_text(card, encoding="utf-8"))
+
+
+def _replace(path: Path, write) -> None:
+    """`write(partial)` beside `path`, then renamed over it, readable as a file created under the umask is."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
+    os.replace(partial, path)
+
+
+def without_local_settings(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's data config without where its files were on the training machine, nor how they were loaded."""
+    if not isinstance(data, dict):
+        return None
+    settings = {key: value for key, value in (data.get("init_args") or {}).items() if key not in LOCAL_DATA_SETTINGS}
+    return {"class_path": data.get("class_path"), "init_args": settings}
+
+
+def shareable_path(path: Path) -> str:
+    """Where an export came from, without the local folders above: relative to the working folder when inside it
+    (``runs/demo/.../best-epoch=11.ckpt``), else the file or folder name."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name

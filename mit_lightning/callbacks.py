@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from mit_lightning.data.images import load_rgb
-from mit_lightning.errors import UserError
+from mit_lightning.errors import UserError, make_folder
 
 OVERLAY_COLOUR = np.array([230, 25, 25], dtype=np.float32)
 #: colours a mask can be drawn in where red would not show (a red object): red, cyan, yellow, blue
@@ -80,6 +80,9 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
+        hint = "Write the predictions elsewhere (the writer's output_dir, or the run folder: --trainer.default_root_dir)."
+        if trainer.is_global_zero:
+            make_folder(self.output_dir, "The predictions folder", hint)
         earlier = [path for pattern in OUTPUTS for path in self.output_dir.glob(pattern)]
         if earlier and trainer.is_global_zero:
             if not self.overwrite:

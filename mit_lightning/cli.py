@@ -10,27 +10,43 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
+import logging
+import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_config_entry, stored_run_config
+from mit_lightning.checkpoints import (
+    CONFIG_ENTRY,
+    check_lightning_entries,
+    load_weights_file,
+    run_config_entry,
+    stored_run_config,
+)
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.experiments import config_args
+from mit_lightning.metrics.names import metric_of, split_of
+from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
+from mit_lightning.progress import LineProgress
 from mit_lightning.resume import (
     LatestCheckpoint,
+    check_resumed_data,
     checkpoint_folders,
     disable_save_last,
     resolve_ckpt_path,
@@ -79,7 +95,7 @@ class MiTArgumentParser(LightningArgumentParser):
         if "arguments are required" in message and ("model.head" in message or ".data" in message):
             message += (
                 ". Give a task config first (e.g. --config configs/demo.yaml or configs/refcoco.yaml); overlays "
-                "such as configs/refcoco+.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
+                "such as configs/datasets/*.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
             )
         return super().error(message, ex)
 
@@ -120,8 +136,11 @@ class MiTCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
         config.ckpt_path = str(ckpt_path) if ckpt_path else None
         if isinstance(ckpt_path, Path):
-            load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            # a broken or altered file fails now, with one line naming it
+            checkpoint = load_weights_file(ckpt_path)
+            check_lightning_entries(checkpoint, ckpt_path)
             if self.subcommand == "fit":
+                check_resumed_data(checkpoint, config.data.as_dict(), ckpt_path)
                 continue_run_folder(config.trainer, ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
@@ -138,6 +157,14 @@ class MiTCLI(LightningCLI):
         latest = [callback for callback in callbacks if isinstance(callback, LatestCheckpoint)] or [LatestCheckpoint()]
         self.trainer.callbacks = [callback for callback in callbacks if not isinstance(callback, LatestCheckpoint)] + latest
         disable_save_last(self.trainer)
+        self._lines_off_a_terminal()
+
+    def _lines_off_a_terminal(self) -> None:
+        """A progress bar draws nothing a log file keeps: with stdout not a terminal, progress comes as lines."""
+        bar = self.trainer.progress_bar_callback
+        if bar is None or isinstance(bar, LineProgress) or sys.stdout.isatty():
+            return
+        self.trainer.callbacks = [LineProgress() if callback is bar else callback for callback in self.trainer.callbacks]
 
     def before_fit(self) -> None:
         self._keep_latest_checkpoint()
@@ -244,9 +271,8 @@ def continue_run_folder(trainer_config, ckpt_path: Path) -> None:
 
 def _summary(results: dict[str, float]) -> str:
     lines = ["Test results:"]
-    splits = sorted({name.split("/")[1] for name in results if name.count("/") >= 2})
-    for split in splits:
-        metrics = {name.split("/", 2)[2]: value for name, value in results.items() if name.startswith(f"test/{split}/")}
+    for split in sorted({split_of(name) for name in results} - {None}):
+        metrics = {metric_of(name): value for name, value in results.items() if split_of(name) == split}
         shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
         lines.append(f"  {split}: {shown}")
     return "\n".join(lines)
@@ -278,7 +304,7 @@ def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
         return Path(ckpt_path).expanduser()
     if not configs:
         raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
-    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    trainer = parse_run_config(config_args(configs)).trainer
     return resolve_ckpt_path("test", ckpt_path, trainer)
 
 
@@ -291,8 +317,17 @@ class _ParseOnly(MiTCLI):
 
 
 def parse_run_config(args: Sequence[str]):
-    """The config a `mit fit` with these arguments would run, without building anything."""
-    return _ParseOnly(args=list(args), run=False).config
+    """The config a `mit fit` with these arguments would run, without building anything.
+
+    A config the parser rejects is a UserError carrying the parser's one-line message (the parser itself
+    prints usage and exits, which suits a command line but not a caller checking many runs)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return _ParseOnly(args=list(args), run=False).config
+    except SystemExit:
+        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
+        raise UserError(" ".join(message.split())) from None
 
 
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
@@ -305,10 +340,6 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
     return MiTCLI(args=with_checkpoint_config(args))
 
 
-#: the exit status of a run stopped by SIGTERM (128 + 15, as the shell reports it): never 0, so a job is requeued
-SIGTERM_EXIT = 143
-
-
 def _quiet_known_warnings() -> None:
     """Warnings a `mit` run would print every time, about choices made on purpose (the command, not the library)."""
     # Frozen backbones are in eval mode on purpose; Lightning would warn about it at every fit.
@@ -317,6 +348,25 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # `cli_main` rewrites the command line (checkpoint config) and hands it to LightningCLI as `args`.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # Lightning's own use of a torch API torch deprecated; nothing a user of `mit` can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger(LIGHTNING_INFO_LOGGER).addFilter(_no_advertisements)
+
+
+#: the logger Lightning's rank-zero messages come from
+LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+def _no_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning's suggestions to install its cloud services ("💡 Tip: ...") are not printed."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
+def _close_process_group() -> None:
+    """End a distributed run's process group before the interpreter exits: left to interpreter teardown, gloo's
+    threads are destroyed while joinable and the C++ runtime aborts the process (SIGABRT) after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -326,5 +376,7 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SIGTERMException:
-        raise SystemExit(SIGTERM_EXIT) from None
+    except SIGTERMException as stop:  # saved and stopped: never status 0, so a job scheduler requeues it
+        raise SystemExit(exit_status(getattr(stop, "signum", signal.SIGTERM))) from None
+    finally:
+        _close_process_group()

@@ -8,6 +8,8 @@ In a notebook (a checkpoint of `mit fit`, or a folder of `mit export`)::
     model.predict(image="photo.png", text="the red circle")["mask"]     # segmentation: bool (H, W)
     model.predict(image="dish.jpg", text="Grilled lemon chicken")         # classification: label, probabilities
     model.predict(text="I loved it", audio=audio, facial=facial)          # sentiment: score; arrays (steps, features)
+    model.predict_batch([{"image": "a.png", "text": "the red circle"}, ...], batch_size=8)   # many, in batches
+    load_model("best", config="configs/demo.yaml")                        # the newest run's best checkpoint
 
 Inputs are prepared as the data modules prepare a dataset's samples: the prompt by the run's
 `PromptFormat`, the image square-resized to the vision tower's size (`to_square_tensor`), feature
@@ -32,11 +34,11 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 
 from mit_lightning.adapters import Adapter, read_adapter
@@ -92,7 +94,15 @@ def read_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise InputTooLarge(f"The image {what} is too large: {error}. Send a smaller image.") from None
     except DECODE_ERRORS as error:
         raise InputError(f"{what[0].upper() + what[1:]} is not an image that can be read (PNG, JPEG, ...): "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}.") from None
+                         f"{_decode_problem(error)}.") from None
+
+
+def _decode_problem(error: Exception) -> str:
+    """What went wrong reading an image, in words: no Python object reprs (``<_io.BytesIO object at 0x...>``)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "its format is not recognised"
+    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error).splitlines()[0] if str(error) else "").strip()
+    return message or type(error).__name__
 
 
 def precision_context(precision: str | None, device: torch.device) -> Any:
@@ -122,12 +132,13 @@ class Predictor:
             return None
         return list(self.spec.class_names or [str(index) for index in range(self.module.head.num_classes)])
 
-    def describe(self) -> dict[str, Any]:
-        """What a client needs to know to send inputs: the task, which inputs, their sizes, the classes."""
+    def describe(self, paths: bool = False) -> dict[str, Any]:
+        """What a client needs to know to send inputs: the task, which inputs, their sizes, the classes. The
+        source is the checkpoint's or export's name, its local path only with `paths`."""
         return {
             "name": self.name,
             "task": self.task,
-            "source": str(self.source),
+            "source": str(self.source) if paths else self.source.name,
             "fusion": type(self.module.fusion).__name__,
             "head": type(self.module.head).__name__,
             "image": self.image_size is not None,
@@ -205,14 +216,35 @@ class Predictor:
 
     def predict(self, image: Any = None, text: str | None = None, **sequences: Any) -> dict[str, Any]:
         """One input. Segmentation: ``mask`` (bool numpy array at the image's size); classification:
-        ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``."""
-        picture = read_image(image) if image is not None else None
-        return self.run([self.check(Sample(text=text, image=picture, sequences=sequences))])[0]
+        ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``.
+        Segmentation also gives ``confidence`` (the mean foreground probability over the mask) and ``probability``
+        (the foreground probability per pixel, float32 at the image's size)."""
+        return self.run([self._sample(image, text, sequences)])[0]
+
+    def predict_batch(self, inputs: Iterable[dict[str, Any]], batch_size: int = 8) -> list[dict[str, Any]]:
+        """Many inputs, `batch_size` per forward pass; each a dict of `predict`'s arguments (``image``, ``text``,
+        feature sequences by name). Results in the same order, as `predict` gives them."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+        samples = [self._sample(item.get("image"), item.get("text"),
+                                {key: value for key, value in item.items() if key not in ("image", "text")})
+                   for item in inputs]
+        return [result for start in range(0, len(samples), batch_size) for result in self.run(samples[start:start + batch_size])]
+
+    def _sample(self, image: Any, text: str | None, sequences: dict[str, Any]) -> Sample:
+        return self.check(Sample(text=text, image=read_image(image) if image is not None else None, sequences=sequences))
 
 
 def _segmentation(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """The mask (probability > 0.5, as evaluated), the probability map, and the mask's confidence: the mean
+    foreground probability over its pixels (0 for an empty mask)."""
     sizes = [(sample.image.height, sample.image.width) for sample in samples]
-    return [{"mask": mask.cpu().numpy()} for mask in predictor.module.head.masks_at(output, sizes)]
+    results = []
+    for probability in predictor.module.head.probabilities_at(output, sizes):
+        mask = probability > 0.5
+        confidence = float(probability[mask].mean()) if mask.any() else 0.0
+        results.append({"mask": mask.cpu().numpy(), "confidence": confidence, "probability": probability.cpu().numpy()})
+    return results
 
 
 def _classification(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
@@ -380,6 +412,16 @@ def load_adapters(
     return predictors
 
 
-def load_model(path: str | os.PathLike, **options: Any) -> Predictor:
-    """A checkpoint of `mit fit` or a folder of `mit export`, ready to `predict`; options as `load_adapters`."""
+def load_model(path: str | os.PathLike, config: str | os.PathLike | Sequence[str | os.PathLike] = (),
+               **options: Any) -> Predictor:
+    """A checkpoint of `mit fit` or a folder of `mit export`, ready to `predict`; options as `load_adapters`.
+
+    ``load_model("best", config="configs/demo.yaml")`` (or ``"last"``) loads that checkpoint of the newest run
+    of the config, as ``mit serve --config configs/demo.yaml --ckpt_path best`` does.
+    """
+    if str(path) in ("best", "last"):
+        from mit_lightning.cli import find_checkpoint  # the run folders are where the config's trainer puts them
+
+        configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+        path = find_checkpoint(str(path), [str(item) for item in configs])
     return next(iter(load_adapters([path], **options).values()))

@@ -38,6 +38,7 @@ from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
 from mit_lightning.heads.base import TaskHead
+from mit_lightning.metrics.names import metric_name
 
 log = logging.getLogger(__name__)
 
@@ -361,12 +362,13 @@ class MiTModule(L.LightningModule):
         return f"{stage}_{index}"
 
     def _metric_name(self, stage: str, index: int, metric: str) -> str:
-        """val/<metric> for the first validation split, <stage>/<split>/<metric> otherwise."""
+        """val/<metric> for the first validation split, `metrics.names.metric_name` otherwise (test/<metric> for the
+        "test" split, test/<split>/<metric> for others)."""
         splits = self._eval_splits.get(stage) or [None]
         split = splits[index] if index < len(splits) else str(index)
         if stage == "validate" and index == 0:
-            return f"val/{metric}"
-        return f"{STAGE_PREFIX[stage]}/{split}/{metric}"
+            split = None
+        return metric_name(STAGE_PREFIX[stage], split, metric)
 
     def _log_eval_metrics(self, stage: str) -> None:
         for index in range(len(self._eval_splits.get(stage) or [None])):

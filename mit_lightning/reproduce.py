@@ -7,7 +7,8 @@ Before anything trains, every experiment of the table is built once (configs par
 data paths checked), so a missing file stops the run at once with the list of what is missing.
 Each experiment then runs as its own `mit fit ... --test_after_fit true` process (so multi-GPU
 strategies launch as usual) in `runs/reproduce/<experiment>/`; an experiment whose results are
-already there is not run again — an experiment several tables share (RefCOCO with the paper's
+already there is not run again, one stopped (Ctrl-C, SIGTERM: passed on to the run, which saves) continues
+where it stopped — an experiment several tables share (RefCOCO with the paper's
 settings fills a row of tables 1, 4 and 5) runs once.
 
 The tables themselves (titles, columns, the runs behind our rows and the paper's published numbers)
@@ -17,11 +18,11 @@ are data: mit_lightning/paper_tables.yaml.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 from mit_lightning.errors import UserError
+from mit_lightning.interrupt import run_child
 from mit_lightning.experiments import RESULTS_FILE, find_results, missing_inputs, problems_by_message, split_at_dashes
 from mit_lightning.paper_tables import Column, Experiment, Table, paper_tables
 
@@ -53,10 +54,13 @@ def train_and_test(experiment: Experiment, root: Path, extra: list[str]) -> dict
     directory = run_directory(experiment, root)
     command = [
         sys.executable, "-m", "mit_lightning", "fit", *experiment.config_args(), "--test_after_fit", "true",
-        "--trainer.default_root_dir", str(directory), "--trainer.logger.init_args.save_dir", str(directory), *extra,
+        "--trainer.default_root_dir", str(directory), "--trainer.logger.init_args.save_dir", str(directory),
+        "--ckpt_path", "last", *extra,  # a run stopped earlier continues; none yet: a new one
     ]
     print(f"\n=== {experiment.name}: {' '.join(command[2:])}", flush=True)
-    subprocess.run(command, check=True)
+    code = run_child(command)
+    if code != 0:
+        raise UserError(f"{experiment.name}: mit fit failed (exit code {code}); its output is above.")
     results = find_results(directory)
     if results is None:
         raise UserError(f"{experiment.name} finished without writing {RESULTS_FILE} under {directory}.")

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
 from classification_fixtures import Fixture, write_food101, write_snli_ve
 from mit_lightning.cli import MiTCLI, cli_main
+from mit_lightning.metrics.names import metric_name
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: dataset → (fixture writer, evaluation splits of its config, extra overrides)
@@ -89,7 +90,7 @@ def test_fit_selects_the_checkpoint_on_validation_accuracy(run: Run):
 
 def test_mit_test_writes_accuracy_and_macro_f1_for_every_split(run: Run):
     splits = DATASETS[run.dataset][1]
-    expected = {f"test/{split}/{metric}" for split in splits for metric in ("accuracy", "macro_f1")}
+    expected = {metric_name("test", split, metric) for split in splits for metric in ("accuracy", "macro_f1")}
     assert expected <= set(run.metrics)
     assert all(0.0 <= run.metrics[name] <= 1.0 for name in expected)
     assert Path(run.test.trainer.log_dir) != Path(run.fit.trainer.log_dir)
@@ -99,8 +100,8 @@ def test_mit_test_draws_a_confusion_matrix_per_split_in_tensorboard(run: Run):
     events = EventAccumulator(run.test.trainer.log_dir, size_guidance={"images": 0})
     events.Reload()
     splits = DATASETS[run.dataset][1]
-    assert {f"test/{split}/confusion_matrix" for split in splits} <= set(events.Tags()["images"])
-    image = events.Images("test/test/confusion_matrix")[0]
+    assert {metric_name("test", split, "confusion_matrix") for split in splits} <= set(events.Tags()["images"])
+    image = events.Images("test/confusion_matrix")[0]
     cell = 512 // 3  # three classes in both fixtures: a 3×3 grid of square cells
     assert (image.height, image.width) == (3 * cell, 3 * cell)
 
@@ -109,7 +110,7 @@ def test_an_undecodable_image_is_reported_and_skipped(run: Run):
     corrupt = str(run.fixture.corrupt[0])
     reports = [message for message in run.warnings if corrupt in message]
     assert reports and "skipped because their image could not be read" in reports[0]
-    assert "test/test/accuracy" in run.metrics  # the run went on
+    assert "test/accuracy" in run.metrics  # the run went on
 
 
 def test_a_missing_image_is_excluded_with_a_log_line(run: Run):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def test_fit_writes_config_checkpoint_and_tensorboard_curves(trained):
     assert (log_dir / "config.yaml").is_file()
     assert list(log_dir.glob("events.out.tfevents.*"))
     assert checkpoint.is_file() and (checkpoint.parent / "last.ckpt").is_file()
-    assert {"test/test/oIoU", "test/test/mIoU", "test/test/prec@0.5", "test/test/oIoU_whole_image"} <= set(metrics)
+    assert {"test/oIoU", "test/mIoU", "test/prec@0.5", "test/oIoU_whole_image"} <= set(metrics)
 
 
 def test_checkpoint_holds_exactly_the_trainable_weights_and_the_run_config(trained):
@@ -61,7 +63,7 @@ def test_overrides_after_the_checkpoint_still_apply(trained):
         ["test", "--ckpt_path", str(checkpoint), "--data.test_splits", "[val]", "--trainer.enable_progress_bar", "false"]
     )
     metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
-    assert "test/val/oIoU" in metrics and "test/test/oIoU" not in metrics
+    assert "test/val/oIoU" in metrics and "test/oIoU" not in metrics
 
 
 def test_a_checkpoint_of_another_model_is_refused_clearly(trained, capsys, monkeypatch):
@@ -144,8 +146,8 @@ def test_predict_writes_the_masks_the_test_scored_with_the_ids_to_join_them(trai
         intersection += int((mask & target).sum())
         union += int((mask | target).sum())
         assert Image.open(row["overlay"]).size == Image.open(row["image_path"]).size
-    assert intersection / union == pytest.approx(fit_metrics["test/test/oIoU"], abs=1e-6)  # the very masks tested
-    assert np.mean([row["iou"] for row in rows]) == pytest.approx(fit_metrics["test/test/mIoU"], abs=1e-6)
+    assert intersection / union == pytest.approx(fit_metrics["test/oIoU"], abs=1e-6)  # the very masks tested
+    assert np.mean([row["iou"] for row in rows]) == pytest.approx(fit_metrics["test/mIoU"], abs=1e-6)
     writer = f"--trainer.callbacks+={{class_path: mit_lightning.callbacks.PredictionWriter, init_args: {{output_dir: {output}}}}}"
     error = fails_at_once(monkeypatch, capsys, "predict", "--ckpt_path", str(checkpoint), writer)
     assert "already holds predictions" in error  # never appended to
@@ -169,6 +171,28 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
 
 
 def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeypatch, capsys):
-    overlay = str(Path(DEMO).parent / "refcoco+.yaml")
+    overlay = str(Path(DEMO).parent / "datasets" / "refcoco+.yaml")
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", overlay)
-    assert "model.head" in error and "Give a task config first" in error and "configs/refcoco+.yaml" in error
+    assert "model.head" in error and "Give a task config first" in error and "configs/datasets/*.yaml" in error
+
+
+def test_the_command_prints_no_lightning_advertisement_nor_its_torch_deprecation(caplog):
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from mit_lightning.cli import LIGHTNING_INFO_LOGGER, _no_advertisements, _quiet_known_warnings
+
+    lightning_log = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_known_warnings()
+        try:
+            with caplog.at_level(logging.INFO):
+                rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/)")
+                rank_zero_info("Trainable parameters: 1 of 2")
+            from torch.utils._pytree import LeafSpec
+
+            LeafSpec()  # as Lightning's _pytree does at every step
+        finally:
+            lightning_log.removeFilter(_no_advertisements)
+    assert [record.getMessage() for record in caplog.records] == ["Trainable parameters: 1 of 2"]
+    assert not [warning for warning in caught if "LeafSpec" in str(warning.message)]

@@ -54,7 +54,7 @@ def test_two_processes_trained_and_tested(ddp_run):
     assert "distributed_backend=gloo" in output and "Starting with 2 processes" in output
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert saved and all(is_trainable_key(name) for name in saved)
-    assert "test/test/oIoU" in metrics
+    assert "test/oIoU" in metrics
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_every_test_sample_counts_once_although_the_sampler_repeats_one(ddp_run)
     assert len(masks) % 2 == 1  # so DistributedSampler pads the split with a repeated sample
     # the share of object pixels depends on the data alone: any sample counted twice would move it
     expected = sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
-    assert metrics["test/test/oIoU_whole_image"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["test/oIoU_whole_image"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.slow

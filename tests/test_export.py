@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from safetensors.torch import load_file
 from adapter_fixtures import shapes_image
 from cli_helpers import fails_at_once
 from mit_lightning import load_model
-from mit_lightning.adapters import EXPORT_CONFIG, EXPORT_WEIGHTS, read_adapter
+from mit_lightning.adapters import EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, read_adapter
 from mit_lightning.cli import cli_main
 from mit_lightning.errors import UserError
 from mit_lightning.resume import best_checkpoint
@@ -26,7 +29,7 @@ def exported(demo_run, tmp_path_factory):
 
 
 def test_the_export_holds_the_trainable_weights_and_what_rebuilds_the_rest(demo_run, exported):
-    assert sorted(path.name for path in exported.iterdir()) == sorted([EXPORT_CONFIG, EXPORT_WEIGHTS])
+    assert sorted(path.name for path in exported.iterdir()) == sorted([EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD])
     checkpoint = torch.load(demo_run.checkpoint, weights_only=True)
     weights = load_file(exported / EXPORT_WEIGHTS)
     assert set(weights) == set(checkpoint["state_dict"])
@@ -42,6 +45,34 @@ def test_the_export_holds_the_trainable_weights_and_what_rebuilds_the_rest(demo_
     assert config["parameters"] == sum(value.numel() for value in weights.values())
     # the weights file is the trainable parameters and a small header: nothing frozen travels
     assert (exported / EXPORT_WEIGHTS).stat().st_size < 4 * config["parameters"] + 16_384
+
+
+def test_an_export_can_be_shared_readable_files_no_local_path_and_a_model_card(demo_run, tmp_path, monkeypatch):
+    run = tmp_path / "work" / "runs" / "demo" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / "best-epoch=0.ckpt"
+    shutil.copy(demo_run.checkpoint, checkpoint)
+    (run / "test_metrics.json").write_text(json.dumps({"test/test/oIoU": 0.6461, "test/mIoU": 0.7243}))
+    monkeypatch.chdir(tmp_path / "work")
+    old_umask = os.umask(0o022)
+    try:
+        cli_main(["export", "--ckpt_path", str(checkpoint), str(tmp_path / "shared")])
+    finally:
+        os.umask(old_umask)
+    folder = tmp_path / "shared"
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {
+        EXPORT_WEIGHTS: 0o644, EXPORT_CONFIG: 0o644, EXPORT_CARD: 0o644}
+    config_text = (folder / EXPORT_CONFIG).read_text()
+    config = json.loads(config_text)
+    assert config["exported_from"] == "runs/demo/version_0/checkpoints/best-epoch=0.ckpt"
+    assert str(tmp_path) not in config_text  # the data root and every other local path stay home
+    assert config["data"]["class_path"] == "mit_lightning.data.synthetic.SyntheticRefCOCODataModule"
+    card = (folder / EXPORT_CARD).read_text()
+    assert card.startswith("# shared\n") and "**segmentation** adapter" in card and "71,751 parameters" in card
+    assert "- LLM: `tiny` (fingerprint" in card and "`SyntheticRefCOCODataModule` (train_images 16" in card
+    assert "| test/oIoU | 0.6461 |" in card and "| test/mIoU | 0.7243 |" in card
+    assert 'load_model("shared")' in card and str(tmp_path) not in card
+    assert read_adapter(folder).data == config["data"]  # read back, and carried on by a re-export
 
 
 def test_an_export_predicts_exactly_as_its_checkpoint(demo_run, exported):
@@ -82,7 +113,8 @@ def test_a_folder_that_holds_files_is_never_overwritten_unless_asked(demo_run, t
     assert "is not empty" in error and "--overwrite" in error
     assert [path.name for path in folder.iterdir()] == ["notes.txt"]
     cli_main(["export", "--ckpt_path", str(demo_run.checkpoint), str(folder), "--overwrite"])
-    assert sorted(path.name for path in folder.iterdir()) == sorted([EXPORT_CONFIG, EXPORT_WEIGHTS, "notes.txt"])
+    assert sorted(path.name for path in folder.iterdir()) == sorted([EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD,
+                                                                     "notes.txt"])
     assert (folder / "notes.txt").read_text() == "mine"
 
 

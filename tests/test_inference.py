@@ -55,6 +55,26 @@ def test_segmentation_reads_as_the_dataset_and_returns_the_masks_the_test_scores
         assert result["mask"].dtype == bool and np.array_equal(result["mask"], mask.numpy())
 
 
+def test_a_batch_call_answers_each_input_as_predict_does_in_order(demo_run):
+    model = load_model(demo_run.checkpoint, device="cpu")
+    image, _ = shapes_image(64)
+    inputs = [{"image": image, "text": text} for text in ("the red circle", "the blue square", "the square", "circle")]
+    batched = model.predict_batch(inputs, batch_size=3)
+    assert [result["prompt"] for result in batched] == [model.predict(**item)["prompt"] for item in inputs]
+    for item, result in zip(inputs, batched):
+        assert np.array_equal(result["mask"], model.predict(**item)["mask"])
+    with pytest.raises(InputError, match="The text is empty"):
+        model.predict_batch([inputs[0], {"image": image, "text": " "}])
+
+
+def test_best_and_last_of_a_config_load_as_the_command_finds_them(demo_run):
+    best = load_model("best", config=demo_run.configs, device="cpu")
+    assert best.source == demo_run.checkpoint
+    assert load_model("last", config=demo_run.configs, device="cpu").source.name == "last.ckpt"
+    with pytest.raises(UserError, match="needs the run's --config"):
+        load_model("best")
+
+
 def test_masks_come_back_at_the_images_own_size(demo_run):
     model = load_model(demo_run.checkpoint, device="cpu")
     image, _ = shapes_image(64)

@@ -21,7 +21,7 @@ RELEASE_PROMPT = (
 )
 
 
-@pytest.mark.parametrize("dataset_overlay", [[], ["refcoco+.yaml"], ["refcocog.yaml"]])
+@pytest.mark.parametrize("dataset_overlay", [[], ["datasets/refcoco+.yaml"], ["datasets/refcocog.yaml"]])
 def test_the_overlay_gives_the_release_set_up_on_every_paper_config(dataset_overlay: list[str]):
     configs = ["refcoco.yaml", *dataset_overlay]
     config = parse_run_config([*(arg for name in configs for arg in ("--config", str(REPO / "configs" / name))),
@@ -48,4 +48,4 @@ def test_the_overlay_trains_and_tests_on_the_demo_data(tmp_path):
     ]
     assert cli.datamodule.prompt_format.template == RELEASE_PROMPT
     metrics = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
-    assert 0.0 <= metrics["test/test/oIoU"] <= 1.0
+    assert 0.0 <= metrics["test/oIoU"] <= 1.0

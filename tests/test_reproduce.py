@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from classification_fixtures import write_food101, write_snli_ve
 from mit_lightning import reproduce
 from mit_lightning.cli import parse_run_config
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
+from mit_lightning.metrics.names import metric_name, metric_of, split_of
 from mit_lightning.errors import UserError
 from mit_lightning.paper_tables import PAPER_TABLES, Experiment, load_tables, paper_tables
 from mit_lightning.reproduce import find_results, format_table
@@ -53,11 +53,11 @@ def test_the_shipped_file_holds_the_papers_numbers_and_the_runs_behind_our_rows(
     assert list(TABLES) == [f"table{n}" for n in range(1, 7)]
     runs = {name: [(e.name, e.configs, e.row) for e in table.experiments] for name, table in TABLES.items()}
     assert runs["table1"] == [("refcoco", ("configs/refcoco.yaml",), None),
-                              ("refcoco+", ("configs/refcoco.yaml", "configs/refcoco+.yaml"), None),
-                              ("refcocog", ("configs/refcoco.yaml", "configs/refcocog.yaml"), None)]
+                              ("refcoco+", ("configs/refcoco.yaml", "configs/datasets/refcoco+.yaml"), None),
+                              ("refcocog", ("configs/refcoco.yaml", "configs/datasets/refcocog.yaml"), None)]
     assert runs["table2"] == [("food101", ("configs/food101.yaml",), None), ("snli_ve", ("configs/snli_ve.yaml",), None)]
     assert runs["table3"] == [("mosi", ("configs/mosi.yaml",), "MOSI — MiT (ours)"),
-                              ("mosei", ("configs/mosei.yaml",), "MOSEI — MiT (ours)")]
+                              ("mosei", ("configs/mosi.yaml", "configs/datasets/mosei.yaml"), "MOSEI — MiT (ours)")]
     assert [name for name, _, _ in runs["table4"]] == [
         "refcoco_no_infusion", "refcoco_ffn_only", "refcoco_no_ffn", "refcoco_no_rescale", "refcoco",
         "refcoco_clip_b16_224", "refcoco_clip_l14_224", "refcoco_task_token"]
@@ -81,7 +81,7 @@ def test_a_tables_file_of_ones_own_prints_like_the_shipped_ones(tmp_path: Path):
     path = tmp_path / "tables.yaml"
     path.write_text(textwrap.dedent("""\
         experiments:
-          run: {configs: [a.yaml, b.yaml], columns: {Acc: test/test/accuracy, Loss: test/test/loss}}
+          run: {configs: [a.yaml, b.yaml], columns: {Acc: test/accuracy, Loss: test/loss}}
         tables:
           mine:
             title: Mine
@@ -92,7 +92,7 @@ def test_a_tables_file_of_ones_own_prints_like_the_shipped_ones(tmp_path: Path):
         """), encoding="utf-8")
     table = load_tables(path)["mine"]
     assert table.experiments[0].config_args() == ["--config", "a.yaml", "--config", "b.yaml"]
-    rows = rows_of(format_table(table, {"run": {"test/test/accuracy": 0.9, "test/test/loss": 0.12345}}))
+    rows = rows_of(format_table(table, {"run": {"test/accuracy": 0.9, "test/loss": 0.12345}}))
     assert rows == {"theirs": ["91.0", "—"], "ours": ["90.0", "0.123"]}
 
 
@@ -108,7 +108,7 @@ MALFORMED = {
                               "tables.table2.paper.rows.MMBT[1]: expected a number, got 'n/a'"),
     "a misspelt experiment": (("- {name: refcoco_no_ffn, row:", "- {name: refcoco_no_fnn, row:"),
                               "tables.table4.experiments[2].name: no experiment 'refcoco_no_fnn'"),
-    "a cell for a column the table lacks": (("      F1 has0: test/test/F1_has0", "      F1 zero: test/test/F1_has0"),
+    "a cell for a column the table lacks": (("      F1 has0: test/F1_has0", "      F1 zero: test/F1_has0"),
                                             "tables.table3: cells for columns the table does not have: ['F1 zero'] (its columns: ['Acc-2',"),
     "a misspelt field": (("    notes:\n      - The paper's Table 2", "    note:\n      - The paper's Table 2"),
                          "tables.table2: unknown note (fields: title, columns, experiments, paper, ours_label "
@@ -162,9 +162,10 @@ def test_every_column_reads_a_metric_its_config_produces(name: str):
         config = parsed(experiment)
         produced = HEAD_METRICS[config.model.head.class_path]
         for label, metric in experiment.columns.items():
-            stage, split, metric_name = metric.split("/")
-            assert stage == "test" and metric_name in produced, f"{experiment.name}: {label} → {metric}"
+            split = split_of(metric)
+            assert metric.startswith("test/") and metric_of(metric) in produced, f"{experiment.name}: {label} → {metric}"
             assert split in config.data.init_args.test_splits, f"{experiment.name}: {split} is not tested"
+            assert metric == metric_name("test", split, metric_of(metric)), f"{experiment.name}: {metric} is misspelt"
 
 
 def test_table6_rows_differ_only_in_the_modalities_and_the_fusion():
@@ -240,7 +241,7 @@ def rows_of(text: str) -> dict[str, list[str]]:
 
 
 def test_table2_prints_the_paper_beside_ours_in_percent():
-    ours = {"food101": {"test/test/accuracy": 0.912345, "test/test/macro_f1": 0.9}}
+    ours = {"food101": {"test/accuracy": 0.912345, "test/macro_f1": 0.9}}
     rows = rows_of(format_table(TABLES["table2"], ours))
     assert rows["MMBT"] == ["92.10", "74.69", "—", "—"]
     assert rows["MiT (paper, LLaMA2-7B)"] == ["93.88", "74.71", "—", "—"]
@@ -251,7 +252,7 @@ def test_table2_prints_the_paper_beside_ours_in_percent():
 def sentiment_results(scale: float) -> dict[str, float]:
     values = {"MAE": 0.7123, "Corr": 0.8, "Acc7": 0.45, "Acc5": 0.5, "Acc2_has0": 0.851, "F1_has0": 0.849,
               "Acc2_non0": 0.862, "F1_non0": 0.8615}
-    return {f"test/test/{name}": value * scale for name, value in values.items()}
+    return {f"test/{name}": value * scale for name, value in values.items()}
 
 
 def test_table3_labels_both_acc2_conventions_and_keeps_regression_scores_unscaled():
@@ -290,9 +291,14 @@ def write_results(directory: Path, results: dict[str, float], mtime: float | Non
 
 def test_find_results_takes_the_newest_run_and_none_when_nothing_ran(tmp_path: Path):
     assert find_results(tmp_path / "nothing") is None
-    write_results(tmp_path / "tensorboard" / "version_1", {"test/test/accuracy": 0.1}, mtime=1_000)
-    write_results(tmp_path / "tensorboard" / "version_0", {"test/test/accuracy": 0.9}, mtime=2_000)
-    assert find_results(tmp_path) == {"test/test/accuracy": 0.9}
+    write_results(tmp_path / "tensorboard" / "version_1", {"test/accuracy": 0.1}, mtime=1_000)
+    write_results(tmp_path / "tensorboard" / "version_0", {"test/accuracy": 0.9}, mtime=2_000)
+    assert find_results(tmp_path) == {"test/accuracy": 0.9}
+
+
+def test_results_written_under_the_earlier_doubled_names_are_read_by_the_current_ones(tmp_path: Path):
+    write_results(tmp_path, {"test/test/accuracy": 0.9, "test/testA/oIoU": 0.5, "test/val/oIoU": 0.4})
+    assert find_results(tmp_path) == {"test/accuracy": 0.9, "test/testA/oIoU": 0.5, "test/val/oIoU": 0.4}
 
 
 @pytest.fixture
@@ -314,11 +320,12 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
     write_results(runs / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
     started: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool) -> None:
+    def fake_run(command: list[str]) -> int:
         started.append(command)
         write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0", sentiment_results(0.5))
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
     reproduce.main(["table6", "--runs", str(runs), "--", "--trainer.max_epochs", "1"])
     assert len(started) == 4  # mosi_text had results already
     command = started[0]
@@ -326,6 +333,7 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
         "--config", "configs/mosi.yaml", "--config", "configs/ablations/mosi_text_facial.yaml",
     ]
     assert command[-2:] == ["--trainer.max_epochs", "1"] and "--test_after_fit" in command
+    assert command[command.index("--ckpt_path") + 1] == "last"  # a run stopped before continues
     rows = rows_of(capsys.readouterr().out)
     assert rows["T (ours)"][2] == "85.1" and rows["T+F (ours)"][2] == "42.5"
 
@@ -375,3 +383,14 @@ def test_preflight_names_only_what_is_missing(available_inputs: Path, monkeypatc
         reproduce.main(["table3", "--runs", str(available_inputs / "runs")])
     problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and problems[0].startswith("  - mosei: MOSEI feature file not found")
+
+
+def test_an_extra_argument_the_parser_rejects_is_one_line_naming_every_run(available_inputs: Path, capsys,
+                                                                           no_training):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["table3", "--runs", str(available_inputs / "runs"), "--", "--trainer.max_epochs", "many"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    problems = [line for line in error.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "max_epochs" in problems[0] and "many" in problems[0], error
+    assert "mosi" in problems[0] and "mosei" in problems[0] and "usage:" not in error

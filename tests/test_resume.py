@@ -3,9 +3,11 @@ where an uninterrupted run ends; the latest checkpoint is always complete; the t
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,14 @@ import torch
 
 from cli_helpers import fails_at_once
 from mit_lightning.data.sampling import EpochShuffle
-from mit_lightning.resume import LatestCheckpoint, capture_rng_state, restore_rng_state
+from mit_lightning.errors import UserError
+from mit_lightning.resume import (
+    LatestCheckpoint,
+    capture_rng_state,
+    check_resumed_data,
+    lock_run_folder,
+    restore_rng_state,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -64,14 +73,23 @@ def test_a_failed_write_leaves_the_previous_latest_checkpoint_intact(tmp_path):
 
         def save_checkpoint(self, path, weights_only=None):
             Path(path).write_bytes(b"half a checkpo")
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(b"the previous checkpoint")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device.*previous one .*last.ckpt. is intact"):
         LatestCheckpoint().save(Trainer())
     assert last.read_bytes() == b"the previous checkpoint"
+    assert sorted(path.name for path in last.parent.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
+    held = lock_run_folder(tmp_path / "checkpoints")
+    with pytest.raises(UserError, match=f"in use by another training process \\(PID {os.getpid()}\\)"):
+        lock_run_folder(tmp_path / "checkpoints")
+    held.close()
+    lock_run_folder(tmp_path / "checkpoints").close()  # free again once the holder ends
 
 
 # --- killed and resumed ---------------------------------------------------------------------------
@@ -144,6 +162,30 @@ def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signal_name, during, times, exit_code", [
+    ("INT", "validation", 1, 130),  # Ctrl-C in a terminal: the whole group, workers included, during validation
+    ("TERM", "save", 2, 143),  # twice, while the epoch's checkpoints are being written
+])
+def test_a_run_stopped_at_an_epoch_end_exits_at_once_and_resumes_exactly(uninterrupted, signal_name, during, times,
+                                                                       exit_code):
+    """The epoch just trained counts: validation and the epoch end are done again on resuming, never skipped."""
+    tmp_path, reference = uninterrupted
+    name = f"stopped_{signal_name}_{during}"
+    workers = ["--data.num_workers", "2"]  # persistent workers, which must not keep the process alive
+    start = time.monotonic()
+    killed = run(tmp_path, name, *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
+                 "4", "--trainer.callbacks.signal_name", signal_name, "--trainer.callbacks.during", during,
+                 "--trainer.callbacks.times", str(times), "--trainer.callbacks.whole_group", "true")
+    assert killed.returncode == exit_code, killed.stderr[-3000:]
+    assert f"Stopped by SIG{signal_name}" in killed.stderr and "epoch 0, step 4" in killed.stderr
+    assert "Traceback" not in killed.stderr
+    assert time.monotonic() - start < 120  # it exits (before, the DataLoader workers kept it alive for ever)
+    resumed = run(tmp_path, name, *workers, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(final_state(tmp_path, name), reference)
+
+
+@pytest.mark.slow
 def test_a_job_whose_whole_process_group_is_terminated_stops_cleanly_and_resumes_exactly(uninterrupted):
     """Schedulers signal every process of a job: the dataloader workers leave SIGTERM to the main process."""
     tmp_path, reference = uninterrupted
@@ -175,6 +217,37 @@ def test_a_missing_or_broken_checkpoint_to_resume_fails_before_the_model_is_buil
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--ckpt_path", str(empty),
                           "--trainer.default_root_dir", str(tmp_path), "--data.root", str(tmp_path / "data"))
     assert "empty (0 bytes)" in error
+
+
+def stopped_checkpoint(path: Path, batch_size: int, mid_epoch: bool) -> Path:
+    """A checkpoint as `mit fit` writes it, as far as resuming its data reads it."""
+    data = {"class_path": "mit_lightning.data.synthetic.SyntheticRefCOCODataModule",
+            "init_args": {"root": "elsewhere", "train_images": 16, "batch_size": batch_size, "num_workers": 2}}
+    progress = {"current": {"processed": 2 if mid_epoch else 4}, "is_last_batch": not mid_epoch}
+    torch.save({"mit_config": {"data": data}, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}, path)
+    return path
+
+
+def test_resuming_mid_epoch_with_another_batch_size_or_data_is_refused_saying_why(monkeypatch, capsys, tmp_path):
+    mid_epoch = stopped_checkpoint(tmp_path / "mid.ckpt", batch_size=16, mid_epoch=True)
+    common = ["fit", "--config", DEMO, "--ckpt_path", str(mid_epoch), "--trainer.default_root_dir", str(tmp_path),
+              "--data.root", str(tmp_path / "data"), "--data.num_workers", "0", "--data.train_images", "16"]
+    error = fails_at_once(monkeypatch, capsys, *common, "--data.batch_size", "8")
+    assert "data.batch_size 16 → 8" in error and "twice" in error and "--model.init_weights" in error
+    error = fails_at_once(monkeypatch, capsys, *common[:-1], "12", "--data.batch_size", "16")
+    assert "data.train_images 16 → 12" in error and "batch_size" not in error
+    # where data is read from (moved to local disk) and how fast is free to change
+    checkpoint = torch.load(mid_epoch, weights_only=True)
+    check_resumed_data(checkpoint, {**checkpoint["mit_config"]["data"], "init_args": {
+        **checkpoint["mit_config"]["data"]["init_args"], "root": "/scratch/data", "num_workers": 8}}, mid_epoch)
+
+
+def test_resuming_at_an_epoch_end_with_another_batch_size_warns(tmp_path):
+    path = stopped_checkpoint(tmp_path / "end.ckpt", batch_size=16, mid_epoch=False)
+    checkpoint = torch.load(path, weights_only=True)
+    data = checkpoint["mit_config"]["data"]
+    with pytest.warns(UserWarning, match="data.batch_size 16 → 8.*epoch end"):
+        check_resumed_data(checkpoint, {**data, "init_args": {**data["init_args"], "batch_size": 8}}, path)
 
 
 def test_an_unwritable_run_folder_is_one_clear_message(monkeypatch, capsys, tmp_path):

@@ -69,11 +69,11 @@ def test_fit_selects_the_checkpoint_on_validation_loss(run: Run):
 
 
 def test_mit_test_reports_every_sentiment_metric(run: Run):
-    expected = {f"test/test/{name}" for name in SENTIMENT_METRIC_NAMES}
+    expected = {f"test/{name}" for name in SENTIMENT_METRIC_NAMES}
     assert expected <= set(run.metrics)
     assert all(math.isfinite(run.metrics[name]) for name in expected)
     fractions = [name for name in SENTIMENT_METRIC_NAMES if name.startswith(("Acc", "F1"))]
-    assert all(0.0 <= run.metrics[f"test/test/{name}"] <= 1.0 for name in fractions)
+    assert all(0.0 <= run.metrics[f"test/{name}"] <= 1.0 for name in fractions)
 
 
 def test_the_test_run_reads_the_file_it_was_trained_on(run: Run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 
 import numpy as np
@@ -75,6 +76,41 @@ def test_segmentation_answers_masks_and_overlays_at_the_images_size(client, pred
         assert result["prompt"] == expected["prompt"]
 
 
+def test_a_mask_comes_with_its_confidence_and_on_request_its_probability_map(client, predictors):
+    image, _ = shapes_image(64)
+    plain = segment(client, png_bytes(image), "the red circle").json()["results"][0]
+    assert "probability_png" not in plain
+    response = client.post("/adapters/shapes/segment", files={"image": ("shapes.png", png_bytes(image), "image/png")},
+                           data={"expression": ["the red circle"], "probability_map": "true"})
+    result = response.json()["results"][0]
+    expected = predictors["shapes"].predict(image=image, text="the red circle")
+    probability = expected["probability"]
+    assert probability.shape == (64, 64) and probability.dtype == np.float32
+    assert np.array_equal(expected["mask"], probability > 0.5)
+    mean_inside = probability[expected["mask"]].mean() if expected["mask"].any() else 0.0
+    assert result["confidence"] == plain["confidence"] == pytest.approx(mean_inside)
+    assert np.abs(decode(result["probability_png"]) / 255.0 - probability).max() <= 0.5 / 255 + 1e-6
+
+
+def test_adapters_name_their_source_without_its_local_folders_unless_the_server_says_so(client, predictors):
+    listed = {adapter["name"]: adapter["source"] for adapter in client.get("/adapters").json()["adapters"]}
+    assert listed["shapes"] == predictors["shapes"].source.name and "/" not in "".join(listed.values())
+    with TestClient(create_app(predictors, show_paths=True)) as revealing:
+        shown = {adapter["name"]: adapter["source"] for adapter in revealing.get("/adapters").json()["adapters"]}
+    assert shown["shapes"] == str(predictors["shapes"].source)
+
+
+def test_the_api_docs_need_no_internet():
+    from fastapi_offline import FastAPIOffline  # noqa: F401  (the package the docs' files come from)
+
+    with TestClient(create_app({})) as client:
+        docs = client.get("/docs")
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", docs.text)
+        assert docs.status_code == 200 and assets and all(asset.startswith("/") for asset in assets), assets
+        assert all(client.get(asset).status_code == 200 for asset in assets)
+        assert client.get("/openapi.json").json()["info"]["title"] == "mit-lightning"
+
+
 def test_the_overlay_stands_out_from_the_object_it_covers():
     from mit_lightning.callbacks import contrasting_colour, overlay
 
@@ -117,7 +153,9 @@ def bad_requests():
     huge = png_bytes(Image.new("L", (8000, 6000)))  # small file, 48 megapixels
     return {
         "not an image": (lambda c: segment(c, b"GIF89a, or so it says", "the red circle"), 400,
-                         "is not an image that can be read"),
+                         "The upload is not an image that can be read (PNG, JPEG, ...): its format is not recognised."),
+        "a truncated image": (lambda c: segment(c, image[:60], "the red circle"), 400,
+                              "The upload is not an image that can be read"),
         "empty expression": (lambda c: segment(c, image, "   "), 400, "The text is empty"),
         "no expression": (lambda c: c.post("/adapters/shapes/segment", files={"image": image}), 422,
                           "expression: Field required"),
@@ -160,6 +198,7 @@ def test_a_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(client, cas
     response = send(client)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+    assert " at 0x" not in response.json()["error"]  # words, never a Python object's repr
     assert segment(client, png_bytes(shapes_image(64)[0]), "the red circle").status_code == 200
 
 
@@ -189,3 +228,15 @@ def test_serve_refuses_bad_settings_in_one_line(monkeypatch, capsys):
     assert "--max_batch_size must be at least 1" in error
     error = fails_at_once(monkeypatch, capsys, "serve", "--ckpt_path", "best")
     assert "--ckpt_path best needs the run's --config" in error
+
+
+@pytest.mark.parametrize("flag, logged", [([], False), (["--access_log"], True)])
+def test_requests_are_logged_only_when_asked(demo_run, monkeypatch, capsys, flag, logged):
+    import uvicorn
+
+    from mit_lightning.cli import cli_main
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: started.update(settings))
+    cli_main(["serve", "--ckpt_path", str(demo_run.checkpoint), *flag])
+    assert started["access_log"] is logged and started["log_level"] == ("info" if logged else "warning")

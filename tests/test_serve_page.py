@@ -70,6 +70,25 @@ def test_the_page_segments_the_shape_it_is_told(page, served, tmp_path):
     assert page.evaluate("document.getElementById('error').hidden")
 
 
+def test_an_unreadable_image_clears_the_previous_answer(page, tmp_path):
+    shapes_image(64)[0].save(tmp_path / "shapes.png")
+    page.set_files("#image-input", tmp_path / "shapes.png")
+    page.wait_for("!document.getElementById('preview').hidden")
+    page.evaluate("document.getElementById('expressions').value = 'the red circle';"
+                  "document.getElementById('probability-map').checked = true;"
+                  "document.getElementById('run').click()")
+    page.wait_for("document.querySelectorAll('#results img.mask').length === 2")  # the mask and its probabilities
+    captions = page.evaluate("[...document.querySelectorAll('#results figcaption')].map(c => c.textContent)")
+    assert "confidence" in captions[1] and captions[2] == "foreground probability (white: 1)"
+    (tmp_path / "broken.png").write_bytes((tmp_path / "shapes.png").read_bytes()[:40])
+    page.set_files("#image-input", tmp_path / "broken.png")
+    page.evaluate("document.getElementById('run').click()")
+    page.wait_for("!document.getElementById('error').hidden")
+    error = page.evaluate("document.getElementById('error').textContent")
+    assert "not an image that can be read" in error and " at 0x" not in error
+    assert page.evaluate("document.querySelectorAll('#results .result').length") == 0
+
+
 def test_the_page_shows_what_was_wrong(page, tmp_path):
     page.evaluate("document.getElementById('expressions').value = 'the red circle';"
                   "document.getElementById('run').click()")

@@ -26,14 +26,21 @@ from mit_lightning.fusion.base import Fusion, ModelDims
 from mit_lightning.module import MiTModule
 from mit_lightning.scales import Scale, build_module, synthetic_batch, vision_config
 
+#: every linear layer of a LLaMA-family decoder (LLaVA-1.5's LoRA targets)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: strategy → its fusion factory at a scale, with the settings of its configs/peers overlay; each gets a
 #: `<strategy>_train` case. MiT comes first: the floor and inference are measured on its model, and every
-#: ratio refers to it. PILL is measured in stage 2, where everything of it trains.
+#: ratio refers to it. PILL is measured in stage 2, where everything of it trains, on every patch token and
+#: on the 32 tokens of its overlays (a learned-query resampler, as its Q-Former), so both regimes are costed.
 STRATEGIES: dict[str, Callable[[Scale], Callable[[ModelDims], Fusion]]] = {
     "mit": lambda scale: partial(MiT, layers=scale.layers),
     "concat": lambda scale: TokenConcat,
-    "concat_lora": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
+    "concat_lora_r16_qkv": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
+    "concat_lora_r128_all_linear": lambda scale: partial(
+        TokenConcat, lora=LoRA(rank=128, alpha=256.0, target_modules=list(ALL_LINEAR), dropout=0.05)
+    ),
     "pill": lambda scale: partial(PILL, stage=2, rank=32, projector="linear"),
+    "pill_32_tokens": lambda scale: partial(PILL, stage=2, rank=32, projector="linear", tokens=32),
     "modex": lambda scale: partial(ModeX, rank=16),
 }
 

@@ -9,9 +9,10 @@ parsing, an in-process test client and static files for the page.
 Endpoints (errors are ``{"error": "..."}`` with a 4xx status; the server keeps serving):
 
 - ``GET /`` the page; ``GET /adapters`` the loaded adapters, their task and inputs; ``GET /stats`` batching so far
-- ``POST /adapters/{name}/segment`` multipart: ``image`` file, one or more ``expression`` fields →
-  per expression the mask and the overlay as base64 PNG, at the image's own size (the overlay in the
-  colour that stands out most from the masked pixels: red, or cyan over a red object)
+- ``POST /adapters/{name}/segment`` multipart: ``image`` file, one or more ``expression`` fields, optional
+  ``probability_map`` → per expression the mask and the overlay as base64 PNG, at the image's own size (the
+  overlay in the colour that stands out most from the masked pixels: red, or cyan over a red object), the
+  mask's confidence (mean foreground probability over it) and, if asked, the probability map (grey PNG)
 - ``POST /adapters/{name}/classify`` multipart: ``image`` file, ``text`` → label and probabilities
 - ``POST /adapters/{name}/sentiment`` JSON: ``{"text": ..., "sequences": {"audio": [[...], ...], "facial": ...}}``
   (each sequence steps × features) → score
@@ -34,6 +35,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -119,20 +121,28 @@ def _overlay_png(image: Image.Image, mask: np.ndarray) -> str:
     return _png(np.asarray(overlay(image, mask, colour=contrasting_colour(image, mask))))
 
 
-def _segmentation_body(image: Image.Image, expressions: list[str], results: list[dict[str, Any]]) -> dict[str, Any]:
+def _segmentation_result(image: Image.Image, expression: str, result: dict[str, Any], probability_map: bool
+                         ) -> dict[str, Any]:
+    body = {
+        "expression": expression,
+        "prompt": result["prompt"],
+        "foreground": float(result["mask"].mean()),
+        "confidence": result["confidence"],
+        "mask_png": _png(result["mask"].astype(np.uint8) * 255),
+        "overlay_png": _overlay_png(image, result["mask"]),
+    }
+    if probability_map:
+        body["probability_png"] = _png(np.round(result["probability"] * 255).astype(np.uint8))
+    return body
+
+
+def _segmentation_body(image: Image.Image, expressions: list[str], results: list[dict[str, Any]],
+                       probability_map: bool = False) -> dict[str, Any]:
     return {
         "width": image.width,
         "height": image.height,
-        "results": [
-            {
-                "expression": expression,
-                "prompt": result["prompt"],
-                "foreground": float(result["mask"].mean()),
-                "mask_png": _png(result["mask"].astype(np.uint8) * 255),
-                "overlay_png": _overlay_png(image, result["mask"]),
-            }
-            for expression, result in zip(expressions, results)
-        ],
+        "results": [_segmentation_result(image, expression, result, probability_map)
+                    for expression, result in zip(expressions, results)],
     }
 
 
@@ -146,8 +156,12 @@ def _validation_message(error: RequestValidationError) -> str:
 
 
 def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wait_ms: float = 10.0,
-               max_upload_mb: float = 10.0) -> FastAPI:
-    """The application serving `predictors` (by name; they share one backbone, see `load_adapters`)."""
+               max_upload_mb: float = 10.0, show_paths: bool = False) -> FastAPI:
+    """The application serving `predictors` (by name; they share one backbone, see `load_adapters`).
+
+    `show_paths`: /adapters gives each adapter's local path, not only its file or folder name. /docs is served
+    from files installed with the package (fastapi-offline), so it works without the internet.
+    """
     batcher = DynamicBatcher(lambda name, samples: predictors[name].run(samples), max_batch_size, max_wait_ms / 1000)
 
     @asynccontextmanager
@@ -156,7 +170,7 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
         yield
         await batcher.stop()
 
-    app = FastAPI(title="mit-lightning", summary="Trained MiT models on new inputs", lifespan=lifespan)
+    app = FastAPIOffline(title="mit-lightning", summary="Trained MiT models on new inputs", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 2**20))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -200,14 +214,15 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
 
     @app.get("/adapters")
     async def adapters() -> dict[str, Any]:
-        return {"adapters": [predictor.describe() for predictor in predictors.values()]}
+        return {"adapters": [predictor.describe(paths=show_paths) for predictor in predictors.values()]}
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return {**batcher.stats.as_dict(), "max_batch_size": batcher.max_batch_size, "max_wait_ms": max_wait_ms}
 
     @app.post("/adapters/{name}/segment")
-    async def segment(name: str, image: UploadFile = File(...), expression: list[str] = Form(...)) -> dict[str, Any]:
+    async def segment(name: str, image: UploadFile = File(...), expression: list[str] = Form(...),
+                      probability_map: bool = Form(False)) -> dict[str, Any]:
         predictor = adapter(name, "segmentation")
         if len(expression) > MAX_EXPRESSIONS:
             raise InputTooLarge(f"{len(expression)} expressions in one request; send at most {MAX_EXPRESSIONS}.")
@@ -215,7 +230,7 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
         samples = [predictor.check(Sample(text=text, image=picture)) for text in expression]
         results = await batcher.submit(name, samples)
         return {"adapter": name, "task": predictor.task,
-                **await run_in_threadpool(_segmentation_body, picture, expression, results)}
+                **await run_in_threadpool(_segmentation_body, picture, expression, results, probability_map)}
 
     @app.post("/adapters/{name}/classify")
     async def classify(name: str, image: UploadFile = File(...), text: str = Form(...)) -> dict[str, Any]:

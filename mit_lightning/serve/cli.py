@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
                         help="torch.compile the models (model.compile): default, reduce-overhead (CUDA graphs: "
                              "fastest at small batches on a GPU), max-autotune or none; default: as trained. The "
                              "first requests of each batch size and text bucket wait for the compilation")
+    result.add_argument("--access_log", action="store_true",
+                        help="print one line per request (client, method, path, status)")
+    result.add_argument("--show_paths", action="store_true",
+                        help="GET /adapters gives the adapters' local paths (by default only their file or folder names)")
     result.add_argument("--allow_other_backbones", action="store_true",
                         help="use models on backbones other than those they were trained on (by fingerprint)")
     return result
@@ -82,9 +86,10 @@ def main(args: Sequence[str]) -> None:
         compile=options.compile, user_args=args,
     )
     app = create_app(predictors, max_batch_size=options.max_batch_size, max_wait_ms=options.max_wait_ms,
-                     max_upload_mb=options.max_upload_mb)
+                     max_upload_mb=options.max_upload_mb, show_paths=options.show_paths)
     for name, predictor in predictors.items():
         print(f"  {name}: {predictor.task} ({type(predictor.module.fusion).__name__}) from {predictor.source}")
     print(f"Open http://{options.host}:{options.port}/ in a browser (API: /adapters, /docs). Ctrl+C stops.",
           flush=True)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info" if options.access_log else "warning",
+                access_log=options.access_log)

@@ -58,6 +58,7 @@ async function loadAdapters() {
 function takeImage(file) {
   if (!file) return;
   imageFile = file;
+  $("results").replaceChildren();  // the answers were about the previous image
   $("preview").src = URL.createObjectURL(file);
   $("preview").hidden = false;
   $("drop-hint").hidden = true;
@@ -104,6 +105,7 @@ function request(adapter) {
     const lines = $("expressions").value.split("\n").map((line) => line.trim()).filter(Boolean);
     if (!lines.length) throw new Error("Type an expression, e.g. \"the red circle\".");
     lines.forEach((line) => form.append("expression", line));
+    if ($("probability-map").checked) form.append("probability_map", "true");
   } else {
     form.append("text", $("text").value);
   }
@@ -114,6 +116,7 @@ async function run(event) {
   event.preventDefault();
   const adapter = current();
   showError("");
+  $("results").replaceChildren();  // never leave an earlier answer beside a new question
   let options;
   try {
     options = request(adapter);
@@ -153,7 +156,10 @@ const RENDER = {
     element("div", { class: "pair" }, [
       figure(png(result.overlay_png, `mask of ${result.expression} over the image`, "overlay"), "mask over the image"),
       figure(png(result.mask_png, `mask of ${result.expression}`, "mask"),
-        `mask, ${answer.width}×${answer.height}, ${(100 * result.foreground).toFixed(1)}% of the image`),
+        `mask, ${answer.width}×${answer.height}, ${(100 * result.foreground).toFixed(1)}% of the image, ` +
+        `confidence ${(100 * result.confidence).toFixed(0)}%`),
+      ...(result.probability_png ? [figure(png(result.probability_png, `foreground probability of ${result.expression}`,
+        "mask"), "foreground probability (white: 1)")] : []),
     ]),
     element("p", { class: "prompt", text: `prompt: ${result.prompt}` }),
   ])),
