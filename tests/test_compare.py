@@ -198,14 +198,6 @@ def test_metrics_get_a_column_per_test_split_and_a_failed_run_a_note():
     assert lines[-1] == "- concat: mit fit failed (exit code 1), see x/fit.log"
 
 
-def test_runs_are_pinned_to_their_threads_and_a_busy_machine_is_named(tmp_path):
-    assert {compare.thread_environment(2)[name] for name in compare.THREAD_VARIABLES} == {"2"}
-    rows = [Row("mit", {"test/test/oIoU": 0.5}, {"step_ms": 10.0, "load_per_core": 0.5}),
-            Row("pill", {"test/test/oIoU": 0.4}, {"step_ms": 30.0, "load_per_core": 3.25})]
-    text = compare.report(tmp_path, rows, ["oIoU"], ["## header"])
-    assert "load reached 3.2 per CPU core while pill ran" in text and "while mit ran" not in text
-
-
 def test_two_seeds_give_mean_and_sample_standard_deviation_and_a_paired_interval():
     rows = [Row("mit", {"test/oIoU": 0.5}, {"trainable_parameters": 10, "step_ms": 2.0}, seed=0),
             Row("mit", {"test/oIoU": 0.7}, {"trainable_parameters": 10, "step_ms": 4.0}, seed=1),
@@ -213,7 +205,7 @@ def test_two_seeds_give_mean_and_sample_standard_deviation_and_a_paired_interval
             Row("concat", {"test/oIoU": 0.8}, {"trainable_parameters": 30, "step_ms": 9.0}, seed=1)]
     lines = markdown(rows, ["oIoU"]).splitlines()
     # mean 0.6, sd sqrt(((0.1)² + (0.1)²) / 1) = 0.1414; step 3.0 ± 1.4142
-    assert lines[2] == "| mit | 0.6000 ± 0.1414 | 10 ± 0 | 3.0 ± 1.4 | — | — |"
+    assert lines[2] == "| mit | 0.6000 ± 0.1414 | 10 ± 0 | 3.0 ± 1.4 | — | — |"  # no CPU time, no memory given
     assert lines[3] == "| concat | 0.6000 ± 0.2828 | 30 ± 0 | 9.0 ± 0.0 | — | — |"
     # differences −0.1 and +0.1: mean 0, sd 0.1414, half width 12.706 · 0.1414 / √2 = 1.2706
     paired = paired_markdown(rows, ["oIoU"]).splitlines()
@@ -254,3 +246,11 @@ def test_seeds_start_at_the_given_or_the_configs_seed():
     assert compare.seed_list(2, 2, 7) == [2, 3]
     assert compare.seed_list(None, 1, True) == [None]  # a random seed stays the config's
     assert compare.seed_list(None, 2, None) == [0, 1]
+
+
+def test_runs_are_pinned_to_their_threads_and_a_busy_machine_is_named(tmp_path):
+    assert {compare.thread_environment(2)[name] for name in compare.THREAD_VARIABLES} == {"2"}
+    rows = [Row("mit", {"test/oIoU": 0.5}, {"step_ms": 10.0, "load_per_core": 0.5}),
+            Row("pill", {"test/oIoU": 0.4}, {"step_ms": 30.0, "load_per_core": 3.25})]
+    text = compare.report(tmp_path, rows, ["oIoU"], ["## header"])
+    assert "load reached 3.2 per CPU core while pill ran" in text and "while mit ran" not in text

@@ -15,7 +15,7 @@ import torch
 
 from mit_lightning.backbones.llm import last_token
 from mit_lightning.backbones.vision import VisionShape
-from mit_lightning.bench.measure import measure, release
+from mit_lightning.bench.measure import measure
 from mit_lightning.bench.report import Report
 from mit_lightning.compiling import Compile
 from mit_lightning.data.refer import RefCOCODataModule
@@ -23,6 +23,7 @@ from mit_lightning.data.synthetic import write_synthetic_refer
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
 from mit_lightning.fusion.base import Fusion, ModelDims
+from mit_lightning.measuring import release
 from mit_lightning.module import MiTModule
 from mit_lightning.scales import Scale, build_module, synthetic_batch, vision_config
 

@@ -18,6 +18,7 @@ from mit_lightning.bench.report import Report, ratios, target_lines
 from mit_lightning.backbones.llm import DType
 from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
+from mit_lightning.measuring import positive_int
 from mit_lightning.scales import SCALES
 
 
@@ -31,14 +32,6 @@ def _device(name: str | None, scale: str) -> torch.device:
                         "measured and no target can be checked (token concatenation alone takes about 33 GiB at "
                         "batch 8). On a CPU, use --scale small (or tiny).")
     return torch.device(name)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _non_negative(text: str) -> int:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mit_lightning.compare as package
-from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
 from mit_lightning.compare.plots import write_plots
 from mit_lightning.compare.table import Row, markdown, metric_columns, paired_markdown, write_csv
 from mit_lightning.errors import UserError
 from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
 from mit_lightning.interrupt import run_child
+from mit_lightning.measuring import positive_int
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
@@ -124,17 +124,18 @@ def new_folder(root: Path) -> Path:
 def same_optimizer(configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
     """Arguments giving every strategy the task config's optimizer and schedule, every argument spelled out
     (an overlay's own values, e.g. PILL's betas, would otherwise survive a change of class)."""
+    from mit_lightning.cli import parse_run_config
     from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER
 
-    base = [arg for config in configs for arg in ("--config", config)]
-    config = _parse([*base, *budget, *extra])
+    base = [*config_args(configs), *budget, *extra]
+    config = parse_run_config(base)
     defaults = []
     if config.model.optimizer is None:
         defaults += ["--model.optimizer", json.dumps(DEFAULT_OPTIMIZER)]
     if config.model.lr_scheduler is None:
         defaults += ["--model.lr_scheduler", json.dumps(DEFAULT_LR_SCHEDULER)]
     if defaults:
-        config = _parse([*base, *budget, *extra, *defaults])
+        config = parse_run_config([*base, *defaults])
     return [argument for key in ("optimizer", "lr_scheduler")
             for argument in (f"--model.{key}", json.dumps(config.model[key].as_dict()))]
 
@@ -170,9 +171,9 @@ def thread_environment(threads: int | None) -> dict[str, str]:
 
 def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint: Path | None,
         configs: Sequence[str], budget: list[str], extra: list[str], threads: int | None = None) -> Row:
-    """`mit fit ... --test_after_fit true` in a process of its own, in `directory`, its CPU threads pinned to
-    `threads`; its output goes to fit.log. The machine's load is read before and after: above one per core,
-    the run's wall times include waiting for other processes, which is said on the console and in the table."""
+    """`mit fit ... --test_after_fit true` in a process of its own, in `directory` (its CPU threads pinned to
+    `threads`); its output goes to fit.log. The machine's load is read before and after: above one per core, the
+    run's wall times include waiting for other processes, which is said on the console and in the table."""
     directory.mkdir(parents=True)
     log = directory / "fit.log"
     name = strategy.name + (f" (seed {seed})" if seed is not None else "")
@@ -185,8 +186,8 @@ def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint:
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
     load = max((value for value in loads if value is not None), default=None)
     if load is not None and load > 1:
-        print(f"Warning: while {name} ran, the load was {load:.1f} per CPU core: its step time (wall) includes "
-              "waiting for other processes; compare the CPU time per step instead.", file=sys.stderr)
+        print(f"Warning: while {strategy.name} ran, the load was {load:.1f} per CPU core: its step time (wall) "
+              "includes waiting for other processes; compare the CPU time per step instead.", file=sys.stderr)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         print(f"{name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
@@ -215,9 +216,8 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
         }.get(memory, "not measured."),
         "CPU time per step: the process's CPU time over the same steps, all its threads (on a busy machine the "
         "steadier figure: wall time also counts waiting for other processes).",
-        *(f"Warning: the machine's load reached {row.cost['load_per_core']:.1f} per CPU core while {row.strategy}"
-          + (f" (seed {row.seed})" if row.seed is not None else "")
-          + " ran: its step time includes waiting for other processes." for row in rows
+        *(f"Warning: the machine's load reached {row.cost['load_per_core']:.1f} per CPU core while {row.strategy} "
+          "ran: its step time includes waiting for other processes." for row in rows
           if (row.cost.get("load_per_core") or 0) > 1),
         f"Runs, logs and checkpoints: {folder}/<strategy>/seed_<seed>/",
     ]

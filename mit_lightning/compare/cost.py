@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from mit_lightning.bench.measure import PeakMemory, synchronize
+from mit_lightning.measuring import PeakMemory, synchronize
 
 COST_FILE = "training_cost.json"
 
@@ -26,7 +26,7 @@ class TrainingCost(Callback):
     - step_cpu_ms: the median CPU time the process spent over the same steps (all its threads): on a
       busy CPU-only machine the wall time follows the other processes' load, the CPU time hardly does.
     - threads: torch's CPU threads during the run.
-    - peak_memory_mib: over the training loop, validation included (`bench.measure.PeakMemory`: on
+    - peak_memory_mib: over the training loop, validation included (`mit_lightning.measuring.PeakMemory`: on
       a GPU the peak allocated memory, weights included; on a CPU the rise of the peak resident size).
     - trainable / total parameters of the model.
 
