@@ -64,12 +64,13 @@ def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor
     (Σ_t m_t V_t) · I_a, so the (B, H, T, d) values are read twice (a masked sum and squared norms)
     rather than once per product term.
     """
-    value, add = value.float(), add.float().squeeze(2)
-    mask = token_mask.to(torch.float32)
-    dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
-    value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
-    repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
-    return dot / (value_norm * repeated_add_norm).clamp_min(eps)
+    with torch.autocast(value.device.type, enabled=False):  # float32 throughout: autocast would cast back for einsum
+        value, add = value.float(), add.float().squeeze(2)
+        mask = token_mask.to(torch.float32)
+        dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
+        value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
+        repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
+        return dot / (value_norm * repeated_add_norm).clamp_min(eps)
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
