@@ -14,9 +14,9 @@ from typing import Sequence, get_args
 import torch
 
 import mit_lightning.bench as package
+from mit_lightning.backbones.llm import DType
 from mit_lightning.bench.cases import STRATEGIES, Precision, default_precision, run_data_loading, run_module_cases
 from mit_lightning.bench.report import Report, ratios, target_lines
-from mit_lightning.backbones.llm import DType
 from mit_lightning.bench.weights import weight_memory_lines
 from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
