@@ -280,8 +280,6 @@ class MiTModule(L.LightningModule):
         trainable, total = self.parameter_counts()
         percent = 100.0 * trainable / max(total, 1)
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)")
-        if self.logger is not None:
-            self.logger.log_metrics({"params/trainable": trainable, "params/trainable_percent": percent}, step=0)
 
     def attach_to_llm(self) -> None:
         """Install this model's hooks in the frozen LLM (its fusion, its task token): models served on one

@@ -212,3 +212,21 @@ def test_7b_llm_is_built_on_the_context_device_in_bf16():
 def test_7b_needs_a_gpu_and_says_nothing_was_measured():
     with pytest.raises(UserError, match="on a CUDA GPU, and there is none here: nothing was measured"):
         bench.main(["--scale", "7b", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_weight_memory_counts_what_bitsandbytes_stores(quantization):
+    from mit_lightning.bench.weights import stored_bytes, weight_bytes
+
+    counted = weight_bytes(FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16")).model, quantization)
+    loaded = FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16", quantization=quantization)).model
+    assert counted == stored_bytes(loaded)
+
+
+def test_weight_memory_at_llama_2_scale_needs_no_memory(capsys, tmp_path):
+    bench.main(["--weight-memory", "--output", str(tmp_path / "lines.jsonl")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (tmp_path / "lines.jsonl").read_text().count("\n") == len(lines) == 9
+    gib = {(line["llm"], line["quantization"]): line["gib"] for line in lines}
+    assert 12 < gib["llama-2-7b", "none"] < 13  # 6.6 G parameters in bf16, no LM head
+    assert 36 < gib["llama-2-70b", "nf4"] < 37 < 64 < gib["llama-2-70b", "int8"] < gib["llama-2-70b", "none"]
