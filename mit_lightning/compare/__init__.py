@@ -5,7 +5,8 @@ text_only, late_addition, ...): adding a file adds a strategy. Every chosen stra
 first (config parsed, weights and data found), then each one runs as
 `mit fit --config <config> --config configs/peers/<name>.yaml --test_after_fit true` in a process of
 its own, in runs/compare/version_<N>/<name>/seed_<s>/ (a new folder per comparison, so none is
-overwritten), once per seed with `--seeds N`.
+overwritten), once per seed with `--seeds N`; a comparison stopped by Ctrl-C or SIGTERM, which its runs
+save on, is continued by the same command.
 A process per strategy keeps the figures comparable: each starts from the same state (no allocator
 cache or RNG left behind by the one before), its peak memory is its own, multi-GPU trainer
 settings launch as with `mit fit`, and a strategy that fails leaves the others running.
