@@ -37,7 +37,7 @@ from mit_lightning.checkpoints import (
 )
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.errors import UserError, make_folder, user_error_in
 from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
@@ -114,7 +114,7 @@ def read_checkpoint(path: Path, user_args: Sequence[str] = ()) -> Adapter:
     return Adapter(
         source=path,
         model=_usable(stored["model"]),
-        data_spec=recorded_data_spec(spec, path) if spec else spec_from_data_config(stored.get("data"), path),
+        data_spec=recorded_data_spec(spec, path) if spec is not None else spec_from_data_config(stored.get("data"), path),
         backbones=recorded_backbones(checkpoint, path) or {},
         weights=checkpoint["state_dict"],
         precision=(stored.get("trainer") or {}).get("precision"),
@@ -198,20 +198,13 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
     are readable by others as the umask allows (an export is made to be shared), and name no absolute local path
     but the backbones' (which loading falls back on).
     """
-    from safetensors.torch import save_file
-
-    from mit_lightning.model_card import model_card, run_metrics
-
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"'{folder}' is a file; give a folder to export into.")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+    hint = "Give a new or empty folder to export into."
+    folder = make_folder(folder, "The export folder", hint)
+    if any(folder.iterdir()) and not overwrite:
         raise UserError(f"'{folder}' is not empty; export into a new or empty folder, or add --overwrite to replace "
                         "an earlier export there.")
-    folder.mkdir(parents=True, exist_ok=True)
     weights = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
                .detach().contiguous().clone() for name, tensor in adapter.weights.items()}
-    _replace(folder / EXPORT_WEIGHTS, lambda partial: save_file(weights, partial, metadata={"format": "pt"}))
     data = without_local_settings(adapter.data)
     config = {
         "format": EXPORT_FORMAT,
@@ -225,11 +218,24 @@ def write_export(adapter: Adapter, folder: str | os.PathLike, overwrite: bool = 
         "data": data,
         "model": adapter.model,
     }
+    try:
+        _write_files(adapter, folder, weights, config, data)
+    except OSError as error:
+        raise UserError(f"Cannot write the export into '{folder}' ({error.strerror or error}). {hint}") from None
+    return folder
+
+
+def _write_files(adapter: Adapter, folder: Path, weights: dict[str, torch.Tensor], config: dict[str, Any],
+                 data: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    from mit_lightning.model_card import model_card, run_metrics
+
+    _replace(folder / EXPORT_WEIGHTS, lambda partial: save_file(weights, partial, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2) + "\n"
     _replace(folder / EXPORT_CONFIG, lambda partial: partial.write_text(text, encoding="utf-8"))
     card = model_card(adapter, folder.name, data, run_metrics(adapter.source))
     _replace(folder / EXPORT_CARD, lambda partial: partial.write_text(card, encoding="utf-8"))
-    return folder
 
 
 def _replace(path: Path, write) -> None:

@@ -10,32 +10,46 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import logging
+import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mit_lightning.checkpoints import CONFIG_ENTRY, load_weights_file, run_config_entry, stored_run_config
+from mit_lightning.checkpoints import (
+    CONFIG_ENTRY,
+    check_lightning_entries,
+    load_weights_file,
+    run_config_entry,
+    stored_run_config,
+)
 from mit_lightning.config_safety import option_values
 from mit_lightning.data.base import MiTDataModule
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.experiments import config_args
 from mit_lightning.metrics.names import metric_of, split_of
+from mit_lightning.interrupt import exit_status
 from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, MiTModule
 from mit_lightning.progress import LineProgress
 from mit_lightning.resume import (
     LatestCheckpoint,
+    check_resumed_data,
     checkpoint_folders,
     disable_save_last,
+    follow_moved_run,
     resolve_ckpt_path,
     run_version,
 )
@@ -108,7 +122,7 @@ class MiTArgumentParser(LightningArgumentParser):
         if "arguments are required" in message and ("model.head" in message or ".data" in message):
             message += (
                 ". Give a task config first (e.g. --config configs/demo.yaml or configs/refcoco.yaml); overlays "
-                "such as configs/refcoco+.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
+                "such as configs/datasets/*.yaml, configs/peers/*.yaml and configs/ablations/*.yaml go after it."
             )
         return super().error(message, ex)
 
@@ -149,8 +163,11 @@ class MiTCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.trainer)
         config.ckpt_path = str(ckpt_path) if ckpt_path else None
         if isinstance(ckpt_path, Path):
-            load_weights_file(ckpt_path)  # a broken file fails now, with one line naming it
+            # a broken or altered file fails now, with one line naming it
+            checkpoint = load_weights_file(ckpt_path)
+            check_lightning_entries(checkpoint, ckpt_path)
             if self.subcommand == "fit":
+                check_resumed_data(checkpoint, config.data.as_dict(), ckpt_path)
                 continue_run_folder(config.trainer, ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
@@ -304,6 +321,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     stored = stored_run_config(load_weights_file(path), path, args)
     if stored is None:
         return args
+    follow_moved_run(stored, path)
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
 
 
@@ -314,7 +332,7 @@ def find_checkpoint(ckpt_path: str, configs: Sequence[str] = ()) -> Path:
         return Path(ckpt_path).expanduser()
     if not configs:
         raise UserError(f"--ckpt_path {ckpt_path} needs the run's --config, to find where its runs are.")
-    trainer = parse_run_config([arg for config in configs for arg in ("--config", config)]).trainer
+    trainer = parse_run_config(config_args(configs)).trainer
     return resolve_ckpt_path("test", ckpt_path, trainer)
 
 
@@ -327,8 +345,17 @@ class _ParseOnly(MiTCLI):
 
 
 def parse_run_config(args: Sequence[str]):
-    """The config a `mit fit` with these arguments would run, without building anything."""
-    return _ParseOnly(args=list(args), run=False).config
+    """The config a `mit fit` with these arguments would run, without building anything.
+
+    A config the parser rejects is a UserError carrying the parser's one-line message (the parser itself
+    prints usage and exits, which suits a command line but not a caller checking many runs)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return _ParseOnly(args=list(args), run=False).config
+    except SystemExit:
+        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
+        raise UserError(" ".join(message.split())) from None
 
 
 def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
@@ -339,10 +366,6 @@ def cli_main(args: Sequence[str] | None = None) -> MiTCLI | None:
         importlib.import_module(module).main(args[1:])
         return None
     return MiTCLI(args=with_checkpoint_config(args))
-
-
-#: the exit status of a run stopped by SIGTERM (128 + 15, as the shell reports it): never 0, so a job is requeued
-SIGTERM_EXIT = 143
 
 
 def _quiet_known_warnings() -> None:
@@ -367,6 +390,13 @@ def _no_advertisements(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("💡 Tip")
 
 
+def _close_process_group() -> None:
+    """End a distributed run's process group before the interpreter exits: left to interpreter teardown, gloo's
+    threads are destroyed while joinable and the C++ runtime aborts the process (SIGABRT) after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     _quiet_known_warnings()
     try:
@@ -374,5 +404,7 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SIGTERMException:
-        raise SystemExit(SIGTERM_EXIT) from None
+    except SIGTERMException as stop:  # saved and stopped: never status 0, so a job scheduler requeues it
+        raise SystemExit(exit_status(getattr(stop, "signum", signal.SIGTERM))) from None
+    finally:
+        _close_process_group()

@@ -72,3 +72,18 @@ def existing_path(value: str | os.PathLike, what: str, hint: str, *, is_dir: boo
     if is_dir is False and not path.is_file():
         raise UserError(f"{what} must be a file, but '{path}' is a directory. {hint}")
     return path
+
+
+def make_folder(value: str | os.PathLike, what: str, hint: str) -> Path:
+    """Create the folder `value` (parents included) or say in one line why it cannot be: a file or a dangling
+    symbolic link in its place, no permission, a read-only or full disk."""
+    path = Path(value).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist. {hint}")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{path}' is a file, not a folder. {hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create {what.lower()} '{path}' ({error.strerror or error}). {hint}") from None
+    return path

@@ -13,14 +13,29 @@ from mit_lightning.metrics.names import current_names
 RESULTS_FILE = "test_metrics.json"
 
 
-def find_results(directory: Path, name: str = RESULTS_FILE) -> dict | None:
-    """The newest `name` (JSON) written under a run directory, if any; test metrics by their current names, so
-    results written before a rename are still reused."""
-    candidates = sorted(directory.rglob(name), key=lambda path: path.stat().st_mtime)
+def find_results(directory: Path, name: str = RESULTS_FILE) -> dict[str, float] | None:
+    """The newest `name` written under a run directory, if any: a JSON mapping (of metric names to numbers);
+    test metrics by their current names, so results written before a rename are still reused.
+
+    A file in another form (not JSON, cut short, other values) is one line naming it: reused as it was, it
+    would fill a table with whatever it holds, or end in a traceback.
+    """
+    candidates = sorted((path for path in directory.rglob(name) if path.is_file()), key=lambda path: path.stat().st_mtime)
     if not candidates:
         return None
-    results = json.loads(candidates[-1].read_text())
-    return current_names(results) if name == RESULTS_FILE else results
+    path = candidates[-1]
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"'{path}' is not the JSON a run writes ({error}). Delete it to run that experiment again.") from None
+    metrics = name == RESULTS_FILE  # test metrics are numbers; other records (training cost) hold notes too
+    expected = isinstance(results, dict) and all(
+        isinstance(key, str) and (not metrics or isinstance(value, (int, float)) and not isinstance(value, bool))
+        for key, value in results.items())
+    if not expected:
+        what = "metric names to numbers" if metrics else "names to values"
+        raise UserError(f"'{path}' does not map {what} as a run writes it. Delete it to run that experiment again.")
+    return current_names(results) if metrics else results
 
 
 def missing_inputs(config) -> list[str]:
@@ -42,6 +57,11 @@ def missing_inputs(config) -> list[str]:
         except UserError as error:
             problems.append(str(error))
     return problems
+
+
+def config_args(configs: Iterable[str | Path]) -> list[str]:
+    """`--config A --config B ...`: config files applied in order (a task config, then overlays)."""
+    return [arg for config in configs for arg in ("--config", str(config))]
 
 
 def split_at_dashes(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -32,6 +32,7 @@ from mit_lightning.checkpoints import (
     load_weights_file,
     recorded_backbones,
 )
+from mit_lightning.compiling import Compile, compile_model, pad_to_bucket
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
@@ -108,6 +109,9 @@ class MiTModule(L.LightningModule):
         head_lr_scale: the head's learning rate as a multiple of the optimizer's (the authors' release
             trains its segmentation decoder at 0.1×); other than 1, the head gets a parameter group of
             its own, named "head" (the rest: "other").
+        compile: torch.compile the frozen LLM's decoder layers (with the fusion's taps), the CLIP blocks and the
+            head (`mit_lightning.compiling`): "default" (inductor), "reduce-overhead" (also CUDA graphs),
+            "max-autotune"; "none" runs eagerly. Compiled, the text is padded to a multiple of 16 tokens.
     """
 
     def __init__(
@@ -124,9 +128,12 @@ class MiTModule(L.LightningModule):
         init_weights: str | None = None,
         allow_other_backbones: bool = False,
         head_lr_scale: float = 1.0,
+        compile: Compile = "none",
     ) -> None:
         super().__init__()
         check_choice("model.text_feature", text_feature, TextFeature)
+        check_choice("model.compile", compile, Compile)
+        self.compile_mode = compile  # not `self.compile`: that is nn.Module's method
         self.init_weights = init_weights
         if not head_lr_scale > 0:
             raise UserError(
@@ -245,6 +252,7 @@ class MiTModule(L.LightningModule):
                 for index, _ in enumerate(spec.eval_splits.get(stage, []) or [None])
             }
         )
+        compile_model(self, self.compile_mode)
 
     @property
     def vision_blocks(self) -> tuple[int, ...]:
@@ -305,6 +313,10 @@ class MiTModule(L.LightningModule):
         input_ids, attention_mask = self.llm.tokenize(batch["prompt"], self.device)
         if self.task_token is not None:
             input_ids, attention_mask = self.task_token.append(input_ids, attention_mask)
+        if self.compile_mode != "none":  # a few fixed text lengths, not one graph per length
+            tokenizer = self.llm.tokenizer
+            input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, tokenizer.pad_token_id,
+                                                      tokenizer.padding_side)
         text = self.fusion(self.llm, input_ids, attention_mask, inputs)
         return self.head(text.float(), inputs)
 

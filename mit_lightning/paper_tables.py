@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from mit_lightning.errors import UserError
+from mit_lightning.experiments import config_args
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.yaml")
 
@@ -44,7 +45,7 @@ class Experiment:
     row: str | None = None
 
     def config_args(self) -> list[str]:
-        return [arg for config in self.configs for arg in ("--config", config)]
+        return config_args(self.configs)
 
 
 @dataclass(frozen=True)

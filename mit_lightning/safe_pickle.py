@@ -12,6 +12,10 @@ whose `__setstate__` then receives the contents — and that state is checked be
 raw bytes must be exactly as many as the shape needs, an object array's list exactly as long
 (numpy itself reads past a short list), and dtypes must be plain (no structured or sub-array
 dtypes, whose field layout a file could forge). Arrays are returned as plain `numpy.ndarray`.
+
+Before any of that, the opcodes are walked once (`check_declared_sizes`): the C unpickler allocates what
+an opcode declares (a byte string's length, a memo index) before reading it, so a 20-byte file declaring
+a 1 TB string, or a memo slot at index 2**31, would otherwise be a MemoryError or an exhausted machine.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import pickletools
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +160,99 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"Refusing to load '{self._source}': it uses persistent ids, which plain data never does.")
 
 
+# --- sizes declared by opcodes ------------------------------------------------------------------------
+_COUNT_FORMATS = {pickletools.TAKEN_FROM_ARGUMENT1: struct.Struct("<B"), pickletools.TAKEN_FROM_ARGUMENT4: struct.Struct("<i"),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: struct.Struct("<I"),
+                  pickletools.TAKEN_FROM_ARGUMENT8U: struct.Struct("<Q")}
+_FIXED, _COUNTED, _LINES, _MEMO_INDEX, _MEMO_LINE, _FRAME, _STOP = range(7)
+
+
+def _opcode_table() -> list[tuple[int, int, struct.Struct | None] | None]:
+    """By opcode byte: (kind, argument width or line count, format of a declared number); None = no opcode."""
+    table: list[tuple[int, int, struct.Struct | None] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        width = op.arg.n if op.arg else 0
+        if op.name in ("BINPUT", "LONG_BINPUT"):
+            entry = (_MEMO_INDEX, width, struct.Struct("<B" if width == 1 else "<I"))
+        elif op.name == "PUT":
+            entry = (_MEMO_LINE, 1, None)
+        elif op.name == "FRAME":
+            entry = (_FRAME, width, struct.Struct("<Q"))
+        elif op.name == "STOP":
+            entry = (_STOP, 0, None)
+        elif width >= 0:
+            entry = (_FIXED, width, None)
+        elif width == pickletools.UP_TO_NEWLINE:
+            entry = (_LINES, 2 if op.arg.name == "stringnl_noescape_pair" else 1, None)
+        else:
+            entry = (_COUNTED, _COUNT_FORMATS[width].size, _COUNT_FORMATS[width])
+        table[ord(op.code)] = entry
+    return table
+
+
+_OPCODES = _opcode_table()
+
+
+def check_declared_sizes(data: bytes) -> None:
+    """Walk the opcodes without building anything; raise `_Refused` where one declares more than the file holds.
+
+    A byte or text string, a long integer or a frame must fit in the bytes that follow; a memo index may not
+    exceed the number of opcodes read so far (writers number their memo entries in order).
+    """
+    size, position, count, table, find = len(data), 0, 0, _OPCODES, data.find
+    while position < size:
+        code = data[position]
+        entry = table[code]
+        position += 1
+        count += 1
+        if entry is None:
+            raise _Refused(f"holds the byte {code:#04x} at offset {position - 1} where an opcode belongs (not a pickle)")
+        kind, width, number = entry
+        if kind == _FIXED:
+            position += width
+        elif kind == _COUNTED:
+            if position + width > size:
+                break
+            declared = number.unpack_from(data, position)[0]
+            position += width
+            if not 0 <= declared <= size - position:
+                raise _Refused(f"declares a value of {declared:,} bytes at offset {position - width - 1}, but only "
+                               f"{size - position:,} bytes follow")
+            position += declared
+        elif kind in (_LINES, _MEMO_LINE):
+            for _ in range(width):
+                end = find(b"\n", position)
+                if end < 0:
+                    raise _Refused(f"ends inside the text argument at offset {position}")
+                if kind == _MEMO_LINE and not data[position:end].strip().isdigit():
+                    raise _Refused(f"holds a memo index {data[position:end][:20]!r} that is not a number")
+                if kind == _MEMO_LINE and int(data[position:end]) > count:
+                    raise _Refused(f"declares the memo index {int(data[position:end]):,} after {count:,} opcodes")
+                position = end + 1
+        elif kind == _MEMO_INDEX or kind == _FRAME:
+            if position + width > size:
+                break
+            declared = number.unpack_from(data, position)[0]
+            if kind == _MEMO_INDEX and declared > count:
+                raise _Refused(f"declares the memo index {declared:,} after {count:,} opcodes")
+            if kind == _FRAME and declared > size - position - width:
+                raise _Refused(f"declares a frame of {declared:,} bytes, but only {size - position - width:,} follow")
+            position += width
+        else:  # STOP: the unpickler reads no further
+            return
+    raise _Refused("ends before its last opcode (truncated)")
+
+
 def load_data_pickle(path: str | Path, *, allow_numpy: bool = False):
     """Load a pickle of plain data; Python 2 pickles fall back to latin-1 for byte strings."""
     path = Path(path)
     allowed = _PLAIN | (_NUMPY if allow_numpy else {})
-    payload = path.read_bytes()
     try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"Cannot read '{path}' ({error.strerror or error}).") from None
+    try:
+        check_declared_sizes(payload)
         try:
             data = _RestrictedUnpickler(io.BytesIO(payload), allowed=allowed, source=str(path)).load()
         except UnicodeDecodeError:

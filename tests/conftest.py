@@ -57,3 +57,4 @@ def no_training(monkeypatch):
         raise AssertionError(f"a run was started: {args}")
 
     monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)

@@ -55,13 +55,16 @@ def test_tiny_run_prints_one_json_line_per_case_then_the_ratios(tiny_run):
         assert line["ms"] > 0 and line["samples_per_s"] == pytest.approx(line["batch"] * 1000 / line["ms"], rel=1e-2)
         assert "peak_memory_mib" in line and "error" not in line
         assert (line["cpu_ms"] > 0) if line["case"] != "data_loading" else "cpu_ms" not in line
+        assert line["compile"] == "none" and line["precision"] == "32"
+        if line["case"] != "data_loading":
+            assert line["launches"] > 0 and line["casts"] >= 0
 
 
 def test_ratio_line_relates_the_cases(tiny_run):
     _, lines = tiny_run
     ratios = lines[-1]
     by_case = {(line["case"], line["batch"]): line for line in lines[:-1]}
-    assert ratios["case"] == "ratios" and RATIO_KEYS | {"case", "scale", "device", "text_length", "machine", "targets"} == set(ratios)
+    assert ratios["case"] == "ratios" and RATIO_KEYS | {"case", "scale", "device", "precision", "text_length", "machine", "targets"} == set(ratios)
     assert ratios["targets"] is None  # defined for 7B shapes on a GPU only
     for batch in ("2", "4"):
         expected = by_case["mit_train", int(batch)]["ms"] / by_case["floor", int(batch)]["ms"]
@@ -97,6 +100,21 @@ def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
     assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
 
 
+def test_the_floor_starts_its_graph_without_breaking_a_compiled_layer():
+    from torch._dynamo.utils import counters
+
+    scale = scales.SCALES["tiny"]
+    module = scales.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
+    batch = scales.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in module.llm.layers:
+        layer.compile(backend="eager")  # dynamo's tracing without code generation
+    cases.floor_step(module, batch, 2)
+    assert dict(counters["graph_break"]) == {}
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in module.llm.layers)  # put back
+
+
 def test_an_out_of_memory_case_is_reported_not_fatal():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -109,24 +127,53 @@ def test_cases_measured_together_alternate_their_calls():
     calls = []
     measured = measure.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=2, warmup=1,
                                device=torch.device("cpu"))
-    assert calls == ["a", "b"] + ["a", "b"] * 2  # warm-up case by case (memory probe), then alternating
+    # warm-up case by case (memory probe), then alternating, then one profiled call each (casts, launches)
+    assert calls == ["a", "b"] + ["a", "b"] * 2 + ["a", "b"]
     assert set(measured) == {"a", "b"} and all(case["ms"] >= 0 and case["cpu_ms"] >= 0 for case in measured.values())
 
 
 def test_targets_compare_each_figure_with_its_limit():
     per_batch = {
-        "mit_over_floor": {8: 1.15, 32: 1.2},
+        "mit_over_floor": {8: 1.10, 32: 1.2},
         "concat_over_mit": {8: 4.5},
         "mit_over_concat_memory": {8: None},
         "mit_inference_ms": {1: 20.0},
-        "mit_train_samples_per_s": {32: 229.0},
+        "mit_train_samples_per_s": {32: 299.0},
     }
     targets = report.check_targets(per_batch)
     assert targets["mit_train / floor at batch 8"]["met"] is True  # at the limit counts
     assert targets["mit_train / floor at batch 32"]["met"] is False
     assert targets["concat_train / mit_train time at batch 8"]["met"] is True
     assert targets["mit_train / concat_train peak memory at batch 8"] is None  # not measured (e.g. out of memory)
-    assert targets["mit_train samples/s at batch 32"] == {"value": 229.0, "limit": 230.0, "met": False}
+    assert targets["mit_train samples/s at batch 32"] == {"value": 299.0, "limit": 300.0, "met": False}
+    assert targets["mit_inference ms at batch 1"] == {"value": 20.0, "limit": 15.0, "met": False}
+    lines = report.target_lines({"reduce-overhead": targets})
+    assert "[reduce-overhead] mit_inference ms at batch 1: 20.0 (target <= 15.0): NOT met" in lines
+    assert "[reduce-overhead] mit_train / floor at batch 8: 1.1 (target <= 1.1): met" in lines
+    assert "[reduce-overhead] mit_train / concat_train peak memory at batch 8: not measured" in lines
+
+
+def test_compiled_cases_are_checked_against_their_own_floor():
+    rep = report.Report("7b", torch.device("cuda"), 48, 2, None, "bf16-mixed")
+    for mode, scale in (("none", 1.0), ("reduce-overhead", 0.5)):
+        suffix = "" if mode == "none" else f"@{mode}"
+        for batch in (8, 32):
+            rep.case(f"floor{suffix}", batch, {"ms": 100.0 * scale * batch / 8}, compile=mode)
+            rep.case(f"mit_train{suffix}", batch, {"ms": 105.0 * scale * batch / 8}, compile=mode)
+        rep.case(f"mit_inference{suffix}", 1, {"ms": 30.0 * scale}, compile=mode)
+    line = report.ratios(rep, ["mit"], [8, 32], with_targets=True, device=torch.device("cpu"),
+                         compile_modes=["none", "reduce-overhead"])
+    assert line["mit_over_floor@reduce-overhead"] == {"8": 1.05, "32": 1.05}
+    assert line["mit_train_samples_per_s@reduce-overhead"]["32"] == pytest.approx(32 * 1000 / 210, rel=1e-3)
+    assert line["targets"]["none"]["mit_inference ms at batch 1"]["met"] is False  # 30 ms eager
+    assert line["targets"]["reduce-overhead"]["mit_inference ms at batch 1"]["met"] is True  # 15 ms compiled
+    assert "concat_train / mit_train time at batch 8" not in line["targets"]["reduce-overhead"]  # peers run eagerly
+
+
+def test_counts_see_casts_and_launches():
+    weight = torch.randn(8, 8)
+    counted = measure.count_operations(lambda: weight.to(torch.bfloat16).float().sum(), torch.device("cpu"))
+    assert counted["casts"] == 2 and counted["launches"] >= 3
 
 
 def test_7b_scale_has_the_papers_shapes():
@@ -162,6 +209,24 @@ def test_7b_llm_is_built_on_the_context_device_in_bf16():
     assert sum(p.numel() for p in parameters) > 6e9
 
 
-def test_7b_needs_a_gpu():
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
+def test_7b_needs_a_gpu_and_says_nothing_was_measured():
+    with pytest.raises(UserError, match="on a CUDA GPU, and there is none here: nothing was measured"):
         bench.main(["--scale", "7b", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_weight_memory_counts_what_bitsandbytes_stores(quantization):
+    from mit_lightning.bench.weights import stored_bytes, weight_bytes
+
+    counted = weight_bytes(FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16")).model, quantization)
+    loaded = FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16", quantization=quantization)).model
+    assert counted == stored_bytes(loaded)
+
+
+def test_weight_memory_at_llama_2_scale_needs_no_memory(capsys, tmp_path):
+    bench.main(["--weight-memory", "--output", str(tmp_path / "lines.jsonl")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (tmp_path / "lines.jsonl").read_text().count("\n") == len(lines) == 9
+    gib = {(line["llm"], line["quantization"]): line["gib"] for line in lines}
+    assert 12 < gib["llama-2-7b", "none"] < 13  # 6.6 G parameters in bf16, no LM head
+    assert 36 < gib["llama-2-70b", "nf4"] < 37 < 64 < gib["llama-2-70b", "int8"] < gib["llama-2-70b", "none"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -154,6 +155,18 @@ def test_predict_writes_the_masks_the_test_scored_with_the_ids_to_join_them(trai
     assert len((output / "predictions.rank0.jsonl").read_text().splitlines()) == len(rows)
 
 
+def test_predict_on_a_moved_run_folder_writes_beside_the_checkpoint_as_it_is_now(trained, tmp_path):
+    runs, _, checkpoint, _ = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint.parents[3], moved)  # the logger's folder, with every run version in it
+    before = sorted(checkpoint.parents[3].rglob("*"))
+    copy = moved / checkpoint.relative_to(checkpoint.parents[3])
+    cli = cli_main(["predict", "--ckpt_path", str(copy), "--trainer.enable_progress_bar", "false"])
+    output = Path(cli.trainer.log_dir) / "predictions" / "predictions.rank0.jsonl"
+    assert output.is_file() and output.is_relative_to(moved)
+    assert sorted(checkpoint.parents[3].rglob("*")) == before  # nothing written at the place it was trained
+
+
 def test_validate_evaluates_a_checkpoint_on_the_validation_split(trained):
     _, _, checkpoint, _ = trained
     cli = cli_main(["validate", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
@@ -171,9 +184,9 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
 
 
 def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeypatch, capsys):
-    overlay = str(Path(DEMO).parent / "refcoco+.yaml")
+    overlay = str(Path(DEMO).parent / "datasets" / "refcoco+.yaml")
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", overlay)
-    assert "model.head" in error and "Give a task config first" in error and "configs/refcoco+.yaml" in error
+    assert "model.head" in error and "Give a task config first" in error and "configs/datasets/*.yaml" in error
 
 
 def test_the_command_prints_no_lightning_advertisement_nor_its_torch_deprecation(caplog):

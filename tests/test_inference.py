@@ -269,3 +269,17 @@ def test_the_library_leaves_the_command_and_the_warning_filters_alone():
               "print('mit_lightning.cli' in sys.modules, len(ours))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "0"]
+
+
+def test_load_model_compiles_what_it_is_told(tmp_path):
+    """`compile` replaces the stored setting: the decoder layers are compiled (compilation itself happens at the
+    first call; inductor's own output is compared with eager in test_compiling.py)."""
+    path = write_checkpoint("classification", tmp_path / "model.ckpt")
+    eager = load_model(path, device="cpu")
+    compiled = load_model(path, device="cpu", compile="default")
+    assert eager.module.compile_mode == "none" and compiled.module.compile_mode == "default"
+    layers = compiled.module.llm.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in eager.module.llm.layers)
+    with pytest.raises(UserError, match="model.compile"):
+        load_model(path, device="cpu", compile="fast")

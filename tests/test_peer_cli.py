@@ -21,7 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PEERS = CONFIGS / "peers"
 OVERLAYS = {
     "concat": "mit_lightning.fusion.TokenConcat",
-    "concat_lora": "mit_lightning.fusion.TokenConcat",
+    "concat_lora_r16_qkv": "mit_lightning.fusion.TokenConcat",
+    "concat_lora_r128_all_linear": "mit_lightning.fusion.TokenConcat",
     "pill_stage1": "mit_lightning.fusion.PILL",
     "pill_stage2": "mit_lightning.fusion.PILL",
     "modex": "mit_lightning.fusion.ModeX",
@@ -30,7 +31,12 @@ OVERLAYS = {
     "text_only": "mit_lightning.fusion.TextOnly",
 }
 #: the peers trained here (MiT and the simple fusions train in tests of their own)
-TRAINED = ("concat", "concat_lora", "pill_stage1", "pill_stage2", "modex")
+TRAINED = ("concat", "concat_lora_r16_qkv", "pill_stage1", "pill_stage2", "modex")
+#: each peer's own optimiser recipe, its overlay's default: PILL's, and LLaVA-1.5's for the LLaVA-style ones
+PILL_RECIPE = ("torch.optim.AdamW", {"betas": (0.9, 0.95), "weight_decay": 0.02})
+LLAVA_RECIPE = ("torch.optim.AdamW", {"weight_decay": 0.0})
+RECIPES = {"pill_stage1": PILL_RECIPE, "pill_stage2": PILL_RECIPE, "concat": LLAVA_RECIPE, "modex": LLAVA_RECIPE,
+           "concat_lora_r16_qkv": LLAVA_RECIPE, "concat_lora_r128_all_linear": LLAVA_RECIPE}
 TASKS = ["demo", "refcoco", "food101", "mosi"]
 
 
@@ -56,13 +62,16 @@ def test_each_overlay_selects_its_method_and_keeps_the_task(task, name):
     assert config.model.optimizer.init_args.lr == alone.model.optimizer.init_args.lr  # same budget
     if name.startswith("pill"):
         assert config.model.fusion.init_args.stage == int(name[-1])
-        assert config.model.optimizer.class_path == "torch.optim.AdamW"
-        assert tuple(config.model.optimizer.init_args.betas) == (0.9, 0.95)
-        assert config.model.optimizer.init_args.weight_decay == 0.02
+        assert config.model.fusion.init_args.tokens == 32  # PILL's Q-Former budget
+    if name in RECIPES:
+        optimizer, arguments = RECIPES[name]
+        assert config.model.optimizer.class_path == optimizer
+        assert {key: getattr(config.model.optimizer.init_args, key) for key in arguments} == arguments
         assert config.model.lr_scheduler.class_path == "mit_lightning.schedules.WarmupCosine"
+        assert config.model.lr_scheduler.init_args.warmup == 0.03
     else:
         assert config.model.optimizer == alone.model.optimizer and config.model.lr_scheduler == alone.model.lr_scheduler
-    assert (getattr(config.model.fusion.init_args, "lora", None) is not None) == (name == "concat_lora")
+    assert (getattr(config.model.fusion.init_args, "lora", None) is not None) == name.startswith("concat_lora")
     assert config.model.init_weights == ("${MIT_PILL_STAGE1_CKPT}" if name == "pill_stage2" else None)
 
 
@@ -90,7 +99,7 @@ def fit_demo(tmp_path: Path, *extra: str) -> Run:
 def runs(tmp_path_factory) -> dict[str, Run]:
     """Each overlay trained one epoch and tested; stage 2 of PILL from stage 1's checkpoint."""
     tmp_path = tmp_path_factory.mktemp("peers")
-    done = {name: fit_demo(tmp_path, *overlay(name)) for name in ("concat", "concat_lora", "pill_stage1", "modex")}
+    done = {name: fit_demo(tmp_path, *overlay(name)) for name in ("concat", "concat_lora_r16_qkv", "pill_stage1", "modex")}
     stage1 = str(done["pill_stage1"].checkpoint)
     done["pill_stage2"] = fit_demo(tmp_path, *overlay("pill_stage2"), "--model.init_weights", stage1)
     return done
@@ -112,8 +121,8 @@ def test_checkpoints_hold_the_methods_weights_and_no_frozen_one(runs, name):
     lora = {key for key, _ in model.llm.named_parameters(prefix="llm") if ".lora_" in key}
     expected = {key for key in model.state_dict() if key.startswith(("fusion.", "head."))} | lora
     assert set(saved) == expected
-    assert bool(lora) == (name == "concat_lora")
-    if name == "concat_lora":  # A and B of q, k, v in each of the 4 layers
+    assert bool(lora) == (name == "concat_lora_r16_qkv")
+    if name == "concat_lora_r16_qkv":  # A and B of q, k, v in each of the 4 layers
         assert len(lora) == 4 * 3 * 2
         trainable = {key for key, parameter in model.named_parameters() if parameter.requires_grad}
         assert set(saved) == trainable
@@ -121,7 +130,7 @@ def test_checkpoints_hold_the_methods_weights_and_no_frozen_one(runs, name):
 
 
 def test_mit_test_restores_the_lora_weights(runs):
-    fitted = runs["concat_lora"]
+    fitted = runs["concat_lora_r16_qkv"]
     cli = cli_main(["test", "--ckpt_path", str(fitted.checkpoint), "--trainer.enable_progress_bar", "false"])
     restored = cli.model.state_dict()
     for key, value in fitted.saved.items():

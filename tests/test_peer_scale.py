@@ -11,6 +11,7 @@ import torch
 from mit_lightning.backbones.llm import LLMConfig
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.backbones.vision import VisionConfig
+from mit_lightning.bench.cases import ALL_LINEAR
 from mit_lightning.data.base import DataSpec
 from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
 from mit_lightning.heads import ReferringSegmentation
@@ -53,8 +54,14 @@ MLP_CONNECTOR = CLIP_WIDTH * D + D + D * D + D  # LLaVA-1.5's 2-layer projector
         # per layer two MEC-Adapters: router (d → 3), shared down (d → r), three ups (r → d) with biases
         ("modex_r128", partial(ModeX, rank=128), MLP_CONNECTOR + LAYERS * 2 * (3 * D + 3 + D * 128 + 128 + 3 * (128 * D + D))),
         ("concat", TokenConcat, MLP_CONNECTOR),
+        # 32 learned queries, LayerNorm and one cross-attention in CLIP's width, before the projector
+        ("pill_32_tokens", partial(PILL, tokens=32), CLIP_WIDTH * D + LAYERS * (3 * 3 * D * 32 + HEADS * D)
+         + 32 * CLIP_WIDTH + 2 * CLIP_WIDTH + 4 * CLIP_WIDTH * CLIP_WIDTH + 4 * CLIP_WIDTH),
         # LoRA r = 16 on q, k, v: A (d → r) and B (r → d) each
-        ("concat_lora", partial(TokenConcat, lora=LoRA()), MLP_CONNECTOR + LAYERS * 3 * 16 * (D + D)),
+        ("concat_lora_r16_qkv", partial(TokenConcat, lora=LoRA()), MLP_CONNECTOR + LAYERS * 3 * 16 * (D + D)),
+        # LoRA r = 128 on every linear layer: q, k, v, o (d → d), gate, up (d → ffn), down (ffn → d)
+        ("concat_lora_r128_all_linear", partial(TokenConcat, lora=LoRA(rank=128, target_modules=list(ALL_LINEAR))),
+         MLP_CONNECTOR + LAYERS * 128 * (4 * (D + D) + 3 * (D + FFN))),
     ],
 )
 def test_trainable_parameters_at_7b_shapes(name, fusion, expected):
@@ -66,6 +73,8 @@ def test_the_headline_sizes_at_7b():
     assert 44e6 < pill < 47e6  # PILL: about 45M
     modex = method_parameters(module_7b(partial(ModeX, rank=128)))
     assert round((modex - MLP_CONNECTOR) / 1e6, 1) == 135.8 and round(modex / 1e6, 1) == 156.8  # ModeX r = 128 (+ connector)
+    llava_lora = method_parameters(module_7b(partial(TokenConcat, lora=LoRA(rank=128, target_modules=list(ALL_LINEAR)))))
+    assert round(llava_lora / 1e6, 1) == 340.8  # LLaVA-1.5's LoRA with the connector
     mit = module_7b(MiT)
     trainable, total = mit.parameter_counts()
     # MiT with the paper's 6 layers and the decoder: 1.9% of the model as built here (its tokenizer has 1k

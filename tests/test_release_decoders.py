@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -184,3 +185,81 @@ def test_a_training_step_sends_gradients_only_to_the_decoder_and_the_infusion(de
         else:
             assert not parameter.requires_grad and parameter.grad is None, name
     assert names == {"fusion", "head"}
+
+
+# --- the release recipe's switches, against their definitions -----------------------------------------
+def test_clipseg_init_scaled_by_the_clip_encoders_depth_as_the_release():
+    torch.manual_seed(0)
+    width = 64
+    decoder = CLIPSegDecoder(TEXT_DIM, TOKEN_WIDTH, grid=2, levels=3, width=width, num_logits=2, patch=14, init_depth=24)
+    residual = width**-0.5 * (2 * 24) ** -0.5  # 0.018 (with the decoder's 3 layers: 0.051)
+    assert residual == pytest.approx(0.018, abs=5e-4)
+    for layer in decoder.layers:
+        assert layer.self_attn.in_proj_weight.std().item() == pytest.approx(residual, rel=0.05)
+        assert layer.linear2.weight.std().item() == pytest.approx(residual, rel=0.05)
+    # the head passes the vision tower's depth (3 in these dims) only when asked
+    torch.manual_seed(0)
+    one_level = partial(ReferringSegmentation, small_dims(3, 14), vision_blocks=(3,), decoder="clipseg", width=64,
+                        heads=4, mlp_width=4096, loss="ce")
+    vision = one_level(clipseg_init_depth="vision").decoder.layers[0].linear2.weight.std().item()
+    own = one_level().decoder.layers[0].linear2.weight.std().item()
+    assert (vision, own) == (pytest.approx(64**-0.5 * 6**-0.5, rel=0.05), pytest.approx(64**-0.5 * 2**-0.5, rel=0.05))
+
+
+def cross_entropy_by_definition(logits: torch.Tensor, target: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Σ_i w_{y_i} · (log Σ_c e^{z_ic} − z_{i y_i}) / Σ_i w_{y_i}, pixel by pixel."""
+    total, norm = 0.0, 0.0
+    for z, y in zip(logits.permute(0, 2, 3, 1).reshape(-1, 2).tolist(), target.flatten().tolist()):
+        w = weights[int(y)]
+        total += w * (math.log(math.exp(z[0]) + math.exp(z[1])) - z[int(y)])
+        norm += w
+    return torch.tensor(total / norm)
+
+
+def bilinear_align_corners(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (..., h, w) to size × size where output pixel i samples input coordinate
+    i · (n − 1) / (size − 1): the corners of input and output coincide (align_corners=True)."""
+    def along(x: torch.Tensor, dim: int) -> torch.Tensor:
+        n = x.shape[dim]
+        rows = []
+        for i in range(size):
+            position = i * (n - 1) / (size - 1)
+            low = min(int(math.floor(position)), n - 2)
+            fraction = position - low
+            rows.append(x.select(dim, low) * (1 - fraction) + x.select(dim, low + 1) * fraction)
+        return torch.stack(rows, dim=dim)
+    return along(along(image, -2), -1)
+
+
+def test_the_release_losss_class_weights_and_corner_aligned_resize_match_their_definitions():
+    generator = torch.Generator().manual_seed(3)
+    output = torch.randn(2, 2, 3, 3, generator=generator)  # decoder logits at 3 × 3
+    target = torch.rand(2, 7, 7, generator=generator) > 0.6  # masks at 7 × 7
+    weights = [0.9, 1.1]
+    release = head("clipseg", class_weights=weights, align_corners=True)
+    expected = cross_entropy_by_definition(bilinear_align_corners(output, 7), target, weights)
+    torch.testing.assert_close(release.loss(output, {"mask": target}), expected, atol=1e-5, rtol=1e-5)
+    # the switches matter: unweighted, or resized without aligned corners, the loss differs
+    assert abs(head("clipseg", align_corners=True).loss(output, {"mask": target}) - expected) > 1e-4
+    assert abs(head("clipseg", class_weights=weights).loss(output, {"mask": target}) - expected) > 1e-4
+    # masks are decided on the same corner-aligned logits
+    upsampled = bilinear_align_corners(output, 7)
+    assert torch.equal(release.masks(output, target), upsampled[:, 1] > upsampled[:, 0])
+
+
+def test_the_cnn_decoder_resizes_with_aligned_corners_when_asked():
+    torch.manual_seed(0)
+    text, inputs = features(grid=3)
+    aligned = head("cnn", align_corners=True)
+    assert aligned.decoder.align_corners
+    unaligned = head("cnn")
+    unaligned.load_state_dict(aligned.state_dict())
+    aligned.eval(), unaligned.eval()
+    assert (aligned(text, inputs) - unaligned(text, inputs)).abs().max() > 1e-4
+
+
+def test_class_weights_need_the_two_class_loss():
+    with pytest.raises(UserError, match=r"class_weights \[0.9, 1.1\] need loss: ce and two positive weights"):
+        head("clipseg", loss="dice", class_weights=[0.9, 1.1])
+    with pytest.raises(UserError, match="two positive weights"):
+        head("clipseg", class_weights=[1.0])

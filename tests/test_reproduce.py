@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 from functools import lru_cache
 from pathlib import Path
@@ -54,11 +53,11 @@ def test_the_shipped_file_holds_the_papers_numbers_and_the_runs_behind_our_rows(
     assert list(TABLES) == [f"table{n}" for n in range(1, 7)]
     runs = {name: [(e.name, e.configs, e.row) for e in table.experiments] for name, table in TABLES.items()}
     assert runs["table1"] == [("refcoco", ("configs/refcoco.yaml",), None),
-                              ("refcoco+", ("configs/refcoco.yaml", "configs/refcoco+.yaml"), None),
-                              ("refcocog", ("configs/refcoco.yaml", "configs/refcocog.yaml"), None)]
+                              ("refcoco+", ("configs/refcoco.yaml", "configs/datasets/refcoco+.yaml"), None),
+                              ("refcocog", ("configs/refcoco.yaml", "configs/datasets/refcocog.yaml"), None)]
     assert runs["table2"] == [("food101", ("configs/food101.yaml",), None), ("snli_ve", ("configs/snli_ve.yaml",), None)]
     assert runs["table3"] == [("mosi", ("configs/mosi.yaml",), "MOSI — MiT (ours)"),
-                              ("mosei", ("configs/mosei.yaml",), "MOSEI — MiT (ours)")]
+                              ("mosei", ("configs/mosi.yaml", "configs/datasets/mosei.yaml"), "MOSEI — MiT (ours)")]
     assert [name for name, _, _ in runs["table4"]] == [
         "refcoco_no_infusion", "refcoco_ffn_only", "refcoco_no_ffn", "refcoco_no_rescale", "refcoco",
         "refcoco_clip_b16_224", "refcoco_clip_l14_224", "refcoco_task_token"]
@@ -321,11 +320,12 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
     write_results(runs / "mosi_text" / "tensorboard" / "version_0", sentiment_results(1.0))
     started: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool) -> None:
+    def fake_run(command: list[str]) -> int:
         started.append(command)
         write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0", sentiment_results(0.5))
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
     reproduce.main(["table6", "--runs", str(runs), "--", "--trainer.max_epochs", "1"])
     assert len(started) == 4  # mosi_text had results already
     command = started[0]
@@ -333,8 +333,33 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
         "--config", "configs/mosi.yaml", "--config", "configs/ablations/mosi_text_facial.yaml",
     ]
     assert command[-2:] == ["--trainer.max_epochs", "1"] and "--test_after_fit" in command
+    assert command[command.index("--ckpt_path") + 1] == "last"  # a run stopped before continues
     rows = rows_of(capsys.readouterr().out)
     assert rows["T (ours)"][2] == "85.1" and rows["T+F (ours)"][2] == "42.5"
+
+
+def test_seeds_run_every_experiment_once_per_seed_and_rows_show_mean_and_sd(available_inputs: Path, monkeypatch,
+                                                                            capsys):
+    runs = available_inputs / "runs"
+    write_results(runs / "mosi_text" / "seed_3" / "v0", sentiment_results(1.0))  # reused
+    started: list[list[str]] = []
+
+    def fake_run(command: list[str]) -> int:
+        started.append(command)
+        seed = int(command[command.index("--seed_everything") + 1])
+        write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0",
+                      sentiment_results(0.5 if seed == 3 else 0.7))
+        return 0
+
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
+    reproduce.main(["table6", "--runs", str(runs), "--seeds", "2", "--seed", "3"])
+    assert len(started) == 2 * 5 - 1
+    directories = {Path(command[command.index("--trainer.default_root_dir") + 1]).relative_to(runs) for command in started}
+    assert Path("mosi_text/seed_4") in directories and Path("mosi_text/seed_3") not in directories
+    rows = rows_of(capsys.readouterr().out)
+    # Acc-2 (has0) 85.1 × 0.5 and × 0.7 in percent: mean 51.06, sd 0.2 · 85.1 / √2 = 12.04
+    assert rows["T+F (ours)"][2] == "51.1 ± 12.0"
+    assert rows["T (ours)"][2] == f"{(85.1 + 0.7 * 85.1) / 2:.1f} ± {0.3 * 85.1 / 2**0.5:.1f}"
 
 
 @pytest.mark.parametrize("name", ["table2", "table3"])
@@ -382,3 +407,14 @@ def test_preflight_names_only_what_is_missing(available_inputs: Path, monkeypatc
         reproduce.main(["table3", "--runs", str(available_inputs / "runs")])
     problems = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 1 and problems[0].startswith("  - mosei: MOSEI feature file not found")
+
+
+def test_an_extra_argument_the_parser_rejects_is_one_line_naming_every_run(available_inputs: Path, capsys,
+                                                                           no_training):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["table3", "--runs", str(available_inputs / "runs"), "--", "--trainer.max_epochs", "many"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    problems = [line for line in error.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "max_epochs" in problems[0] and "many" in problems[0], error
+    assert "mosi" in problems[0] and "mosei" in problems[0] and "usage:" not in error

@@ -38,8 +38,8 @@ from mit_lightning.metrics.segmentation import OverallIoU
 from mit_lightning.module import MiTModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-#: the task configs; refcoco+.yaml and refcocog.yaml are overlays on refcoco.yaml, not tasks of their own
-TASK_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if path.name not in ("refcoco+.yaml", "refcocog.yaml"))
+#: the task configs (dataset overlays live in configs/datasets/)
+TASK_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 DDP, FSDP = CONFIGS / "trainer" / "ddp_2gpu_bf16.yaml", CONFIGS / "trainer" / "fsdp.yaml"
 CPU = torch.device("cpu")
 TINY = scales.SCALES["tiny"]

@@ -149,3 +149,22 @@ def test_cli_sees_every_argument_with_its_help():
     assert (config.data.train_images, config.data.batch_size, config.data.train_sentences) == (10, 2, "all")
     assert config.data.root == "data/demo" and config.data.test_splits == ("test",)
     assert "random one of its sentences" in parser.format_help()  # inherited Args: docs reach the help
+
+
+def test_the_unseen_split_uses_words_never_seen_in_training(tmp_path):
+    root = write_synthetic_refer(tmp_path / "unseen", **SIZES, test_unseen_images=5, seed=3)
+    with open(root / "refcoco" / "refs(unc).p", "rb") as file:
+        refs = pickle.load(file)
+    words = defaultdict(set)
+    for ref in refs:
+        for sentence in ref["sentences"]:
+            words[ref["split"]].update(sentence["tokens"])
+    assert words["test_unseen"] and not words["test_unseen"] & (set(COLOURS) | set(SHAPES))
+    new_words = words["test_unseen"] - words["train"] - words["val"] - words["test"]
+    assert {"the", "a"} & words["train"] and len(new_words) >= 8
+    # the splits before it are the same images with the same refs as without it
+    without = write_synthetic_refer(tmp_path / "without", **SIZES, seed=3)
+    with open(without / "refcoco" / "refs(unc).p", "rb") as file:
+        assert pickle.load(file) == [ref for ref in refs if ref["split"] != "test_unseen"]
+    assert json.loads((without / MARKER).read_text()).keys() == {
+        key for key in json.loads((root / MARKER).read_text()) if key != "test_unseen_images"}

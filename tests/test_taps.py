@@ -40,7 +40,7 @@ def test_each_site_is_transformed_only_when_the_call_carries_a_payload(llm, site
         payload = TapPayload()
         tapped = last_token(llm(mask, input_ids=ids, **{PAYLOAD_KWARG: payload}), mask)
         assert (tapped - plain).abs().max() > 1e-3
-        assert payload.reached == {(1, site)}
+        assert tap.reached == {site: payload}
         batch, length = ids.shape
         shape = llm.shape
         expected = {
@@ -69,9 +69,21 @@ def test_a_layer_takes_one_tap_and_unknown_sites_are_refused(llm):
         tap.remove()
 
 
-def test_check_reached_names_what_the_payload_missed():
-    payload = TapPayload()
-    payload.reached.add((0, "kv"))
-    check_reached(payload, {(0, "kv")}, "Method")
-    with pytest.raises(RuntimeError, match="Method inputs did not reach layer 3 ffn_activation"):
-        check_reached(payload, {(0, "kv"), (2, "ffn_activation")}, "Method")
+def test_check_reached_names_what_the_payload_missed(llm):
+    taps = [tap_layer(llm.model, 0, kv=scaled(1.0, [])), tap_layer(llm.model, 2, ffn_activation=scaled(1.0, []))]
+    try:
+        payload = TapPayload()
+        taps[0].apply("kv", torch.ones(1), torch.ones(1))
+        with pytest.raises(RuntimeError, match="Method inputs did not reach layer 1 kv, layer 3 ffn_activation"):
+            check_reached(payload, taps, "Method")  # layer 1 saw no payload at all (apply without one)
+        taps[0].payload = taps[1].payload = payload
+        taps[0].apply("kv", torch.ones(1), torch.ones(1))
+        with pytest.raises(RuntimeError, match="Method inputs did not reach layer 3 ffn_activation"):
+            check_reached(payload, taps, "Method")
+        taps[0].apply("kv", torch.ones(1), torch.ones(1))
+        taps[1].apply("ffn_activation", torch.ones(1))
+        check_reached(payload, taps, "Method")
+        assert all(last is None for tap in taps for last in tap.reached.values())  # the payload is not kept
+    finally:
+        for tap in taps:
+            tap.remove()

@@ -177,6 +177,54 @@ def test_pill_adapters_start_as_the_paper_says(tiny_llm_factory, tiny_clip):
     assert pill.tokens.projectors["image"].bias is None  # Linear(C → d) without bias
 
 
+def test_pill_stage1_flips_the_last_layers_routing_only(tiny_llm_factory, tiny_clip):
+    llm = tiny_llm_factory(key="pill-flip")
+    dims = vision_dims(llm, tiny_clip)
+    last = llm.shape.num_layers - 1
+    assert [layer.flipped for layer in PILL(dims, stage=1, rank=4).layers] == [False] * last + [True]
+    assert not any(layer.flipped for layer in PILL(dims, stage=2, rank=4).layers)
+    assert not any(layer.flipped for layer in PILL(dims, stage=1, rank=4, flip_last_routing=False).layers)
+    layer = PILL(dims, stage=1, rank=4).layers[last]
+    perturb(layer.parameters(), scale=1.0)
+    hidden = torch.randn(1, 4, llm.shape.hidden_size)
+    modality = torch.tensor([[True, False, False, False]])
+    routed = layer.route_mlp_input(hidden, PILLPayload(modality=modality))
+    torch.testing.assert_close(routed[:, 1:], hidden[:, 1:] + layer.visual_adapter(hidden[:, 1:]))  # text → A_vis
+    torch.testing.assert_close(routed[:, :1], hidden[:, :1] + layer.text_adapter(hidden[:, :1]))
+
+
+@pytest.mark.parametrize("method", ["concat_3_tokens", "pill_3_tokens", "modex_3_tokens"])
+def test_a_token_budget_gives_the_llm_that_many_modality_tokens(tiny_clip, method):
+    llm = fresh_llm()
+    fusion = METHODS[method](vision_dims(llm, tiny_clip))
+    fusion.attach(llm)
+    ids, mask = llm.tokenize(PROMPTS, "cpu")
+    inputs = image_inputs(tiny_clip, fusion.vision_blocks)
+    patches = inputs.vision_tokens[fusion.vision_blocks[0]].shape[1]
+    states = HiddenStates(llm).run(fusion, llm, ids, mask, inputs)
+    assert patches > 3 and states.shape[1] == 3 + ids.shape[1]  # 3 modality tokens, not every patch
+    resampler = fusion.tokens.resamplers["image"]
+    assert resampler.queries.shape == (3, tiny_clip.shape.width)  # in CLIP's width, before the projector
+    # the queries attend to every patch: changing one patch changes the tokens
+    changed = copy.deepcopy(inputs)
+    changed.vision_tokens[fusion.vision_blocks[0]][:, -1] += 1.0
+    assert (fusion(llm, ids, mask, changed) - fusion(llm, ids, mask, inputs)).abs().max() > 0
+    fusion.detach()
+
+
+def test_the_resampler_masks_a_source_without_real_tokens():
+    from mit_lightning.fusion.tokens import Resampler
+
+    resampler = Resampler(width=8, tokens=2)
+    features = torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    tokens, token_mask = resampler(features, mask)
+    assert tokens.shape == (2, 2, 8) and torch.isfinite(tokens).all()
+    assert token_mask.tolist() == [[True, True], [False, False]]
+    alone, _ = resampler(features[:1, :2], mask[:1, :2])
+    torch.testing.assert_close(tokens[:1], alone)  # padding is not attended to
+
+
 def test_mec_adapter_is_the_routed_sum_of_three_experts_ups():
     torch.manual_seed(0)
     adapter = MECAdapter(width=12, rank=4)
@@ -198,13 +246,18 @@ METHODS = {
     "concat": lambda dims: TokenConcat(dims),
     "concat_lora": lambda dims: TokenConcat(dims, lora=LoRA(rank=4)),
     "pill_stage1": lambda dims: PILL(dims, stage=1, rank=4),
+    "pill_stage1_unflipped": lambda dims: PILL(dims, stage=1, rank=4, flip_last_routing=False),
     "pill_stage2": lambda dims: PILL(dims, stage=2, rank=4),
     "modex": lambda dims: ModeX(dims, rank=4),
+    "concat_3_tokens": lambda dims: TokenConcat(dims, tokens=3),
+    "pill_3_tokens": lambda dims: PILL(dims, stage=2, rank=4, tokens=3),
+    "modex_3_tokens": lambda dims: ModeX(dims, rank=4, tokens=3),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_exactly_the_methods_trainable_parameters(tiny_clip, method):
+    torch.manual_seed(0)  # initial weights independent of the tests run before
     llm = fresh_llm()
     fusion = METHODS[method](vision_dims(llm, tiny_clip))
     fusion.attach(llm)
@@ -215,14 +268,16 @@ def test_gradients_reach_exactly_the_methods_trainable_parameters(tiny_clip, met
     ids, mask = llm.tokenize(PROMPTS, "cpu")
     fusion(llm, ids, mask, image_inputs(tiny_clip, fusion.vision_blocks)).square().sum().backward()
     assert all(p.grad is not None for p in trainable.values())
-    # the last layer's A_vis changes only modality positions after the last attention: never the text feature
+    # the last layer's A_vis changes only modality positions after the last attention: never the text feature,
+    # unless stage 1 flips the last layer's routing as the release does (text through A_vis)
     last_visual_adapter = f"fusion.layers.{llm.shape.num_layers - 1}.visual_adapter."
     unreached = {name for name, p in trainable.items() if p.grad.abs().sum() == 0}
-    assert unreached == {name for name in trainable if name.startswith(last_visual_adapter)}
+    flipped = method == "pill_stage1"
+    assert unreached == {name for name in trainable if name.startswith(last_visual_adapter) and not flipped}
     assert all(p.grad is None for name, p in {**own, **dict(llm.named_parameters(prefix="llm"))}.items()
                if name not in trainable)
     assert all(".lora_" in name for name in lora) and bool(lora) == (method == "concat_lora")
-    if method == "pill_stage1":  # A_vis and the projector only
+    if method.startswith("pill_stage1"):  # A_vis and the projector only
         assert {name.split(".")[3] for name in trainable if name.startswith("fusion.layers.")} == {"visual_adapter"}
         assert any(name.startswith("fusion.tokens.") for name in trainable)
 
@@ -237,7 +292,7 @@ def sequence_inputs(lengths: dict[str, list[int]], sizes: dict[str, int], steps:
     return FusionInputs(vectors={}, sequences=sequences, sequence_masks=masks)
 
 
-@pytest.mark.parametrize("method", ["concat", "pill_stage2", "modex"])
+@pytest.mark.parametrize("method", ["concat", "pill_stage2", "modex", "concat_3_tokens", "pill_3_tokens"])
 def test_frames_are_tokens_whose_padding_changes_nothing(tiny_llm_factory, method):
     llm = tiny_llm_factory(key=f"frames-{method}")
     sizes = {"audio": 5, "facial": 7}
@@ -303,6 +358,8 @@ def test_nonsense_settings_are_refused_with_a_clear_message(tiny_llm_factory, ti
         PILL(dims, projector="qformer")
     with pytest.raises(UserError, match="LoRA rank must be a positive integer"):
         LoRA(rank=0)
+    with pytest.raises(UserError, match="PILL token budget must be a positive number"):
+        PILL(dims, tokens=0)
 
 
 def test_lora_on_layers_the_llm_does_not_have_names_the_ones_it_has(tiny_clip):

@@ -6,6 +6,8 @@ infusion trained on one LLM means nothing on another. So a checkpoint records, p
 it was loaded from and a fingerprint read cheaply from its files (never the weights themselves):
 
 - LLM folder: a hash of config.json and the names and sizes of the weight files;
+- LLM GGUF file: its name and size;
+- a quantised LLM: also its quantization (a base quantised otherwise gives other activations);
 - CLIP file: its name and size; the architecture name;
 - random presets: the preset name and seed (their weights are a function of both).
 
@@ -28,13 +30,16 @@ def _file_entry(path: Path) -> list:
 
 
 def llm_fingerprint(config) -> dict[str, Any]:
-    """`config` is an `LLMConfig`."""
+    """`config` is an `LLMConfig`. An unquantised LLM's entry has no quantization (as before it could be)."""
+    quantization = {} if config.quantization == "none" else {"quantization": config.quantization}
     if config.preset:
-        return {"path": config.preset, "fingerprint": {"preset": config.preset, "seed": config.seed}}
-    folder = config.local_path().resolve()
-    weights = sorted(_file_entry(path) for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
-    config_hash = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
-    return {"path": str(folder), "fingerprint": {"config_sha256": config_hash, "weights": weights}}
+        return {"path": config.preset, "fingerprint": {"preset": config.preset, "seed": config.seed, **quantization}}
+    path = config.local_path().resolve()
+    if config.is_gguf:
+        return {"path": str(path), "fingerprint": {"gguf": _file_entry(path), **quantization}}
+    weights = sorted(_file_entry(file) for file in path.iterdir() if file.suffix in WEIGHT_SUFFIXES)
+    config_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+    return {"path": str(path), "fingerprint": {"config_sha256": config_hash, "weights": weights, **quantization}}
 
 
 def vision_fingerprint(config) -> dict[str, Any] | None:

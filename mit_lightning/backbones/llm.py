@@ -2,7 +2,9 @@
 
 Any HuggingFace decoder of the LLaMA family works (LLaMA-2/3, Mistral, Qwen2, ...): what MiT needs
 is a stack of decoder layers with `self_attn` (k/v projections) and a gated `mlp.down_proj`.
-Only the base model is loaded (no LM head): MiT reads hidden states, never logits.
+Only the base model is loaded (no LM head): MiT reads hidden states, never logits. It comes from a
+HuggingFace folder, a GGUF file (`gguf.py`) or a preset, and may be quantised as it loads
+(`quantization.py`): MiT trains only modules beside it, so a 4-bit base costs nothing in what trains.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from torch import nn
 from mit_lightning.backbones.lora import set_adapters_training
 from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
 from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
+from mit_lightning.backbones.gguf import GGUF_SUFFIX, check_gguf_file, gguf_loading
+from mit_lightning.backbones.quantization import (
+    Quantization,
+    check_quantization,
+    keep_differentiable,
+    quantization_options,
+    quantize_through_folder,
+)
 from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unreadable_weights
 from mit_lightning.errors import UserError, check_choice, expand_env
 
@@ -41,7 +51,8 @@ class LLMConfig:
     """Which LLM to load and how.
 
     Args:
-        path: local HuggingFace model folder (config.json, weights, tokenizer files), or a preset
+        path: local HuggingFace model folder (config.json, weights, tokenizer files), a GGUF file
+            (read through transformers' GGUF support, tokenizer included, dequantised into `dtype`), or a preset
             built locally with random weights: tiny (LLaMA), tiny-mistral, tiny-qwen2 (tests, demo),
             random-llama-2-7b, random-llama-2-13b, random-llama-16x1024 (benchmarks).
         dtype: dtype of the frozen weights (bfloat16 in the paper).
@@ -53,6 +64,9 @@ class LLMConfig:
         activation_checkpointing: recompute each decoder layer during backward instead of keeping its
             activations: less memory (long prompts, big batches, token-concatenation baselines) for
             about one more forward of the layers that backward reaches (those from the first infused one).
+        quantization: the frozen decoder layers' linear weights stored in 8 bits (int8, LLM.int8) or 4 bits
+            (nf4, QLoRA's NormalFloat) through bitsandbytes, computing in `dtype`; embeddings and norms stay in
+            `dtype`. Needs the bitsandbytes package; runs on CPU and CUDA.
     """
 
     path: str = "${MIT_LLM_PATH:-checkpoints/Llama-2-7b-hf}"
@@ -62,9 +76,11 @@ class LLMConfig:
     max_text_tokens: int = 128
     seed: int = 0
     activation_checkpointing: bool = False
+    quantization: Quantization = "none"
 
     def __post_init__(self) -> None:
         check_choice("model.llm.attention", self.attention, Attention)
+        check_choice("model.llm.quantization", self.quantization, Quantization)
 
     @property
     def preset(self) -> str | None:
@@ -72,12 +88,20 @@ class LLMConfig:
         name = expand_env(self.path)
         return name if name in LLM_PRESETS else None
 
+    @property
+    def is_gguf(self) -> bool:
+        return expand_env(self.path).lower().endswith(GGUF_SUFFIX)
+
     def local_path(self) -> Path:
-        """The model folder, checked: a clear message instead of a hub lookup or a traceback."""
+        """The model folder or GGUF file, checked: a clear message instead of a hub lookup or a traceback."""
         path = Path(expand_env(self.path))
+        if self.is_gguf:
+            check_gguf_file(path)
+            return path
         hint = (
-            "Set model.llm.path (or the MIT_LLM_PATH environment variable) to a local HuggingFace model folder, "
-            "e.g. the LLaMA-2-7B weights converted to HF format; see README.md. Use 'tiny' for a random test model."
+            "Set model.llm.path (or the MIT_LLM_PATH environment variable) to a local HuggingFace model folder or "
+            "a .gguf file, e.g. the LLaMA-2-7B weights converted to HF format; see README.md. Use 'tiny' for a random "
+            "test model."
         )
         if not path.is_dir():
             raise UserError(f"LLM weights not found: expected a model folder at '{path}'. {hint}")
@@ -95,6 +119,9 @@ class LLMConfig:
         from transformers import AutoConfig
 
         path = self.local_path()
+        if self.is_gguf:
+            with gguf_loading(path, "its model configuration"):
+                return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         _check_config_json(path / "config.json")
         try:
             return AutoConfig.from_pretrained(path, local_files_only=True)
@@ -164,8 +191,10 @@ class FrozenLLM(nn.Module):
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         self.config = config
+        check_quantization(config.quantization, torch.get_default_device())
         self.tokenizer = self._load_tokenizer()
         self.model = self._load_model()
+        keep_differentiable(self.model)
         self.model.requires_grad_(False)
         self.model.eval()
         self.shape = LLMShape.from_hf_config(self.model.config)
@@ -180,35 +209,48 @@ class FrozenLLM(nn.Module):
             from transformers import AutoTokenizer
 
             path = self.config.local_path()
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            except (OSError, ValueError) as error:
-                raise UserError(f"Cannot load the tokenizer of '{path}': {_first_line(error)} Copy the tokenizer "
-                                "files of the model's download into it.") from error
+            if self.config.is_gguf:
+                with gguf_loading(path, "its tokenizer"):
+                    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            else:
+                tokenizer = self._load_folder_tokenizer(path)
         _set_pad_token(tokenizer)
         tokenizer.padding_side = self.config.padding_side
         tokenizer.truncation_side = "left"
         return tokenizer
 
+    @staticmethod
+    def _load_folder_tokenizer(path: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise UserError(f"Cannot load the tokenizer of '{path}': {_first_line(error)} Copy the tokenizer "
+                            "files of the model's download into it.") from error
+
     def _load_model(self) -> nn.Module:
         from transformers import AutoModel
 
         dtype = torch_dtype(self.config.dtype)
+        options = dict(dtype=dtype, attn_implementation=self.config.attention)
+        quantized = quantization_options(self.config.quantization, dtype)
         if self.config.preset:
             with seeded_init(self.config.seed):
-                return AutoModel.from_config(
-                    self.config.hf_config(), dtype=dtype, attn_implementation=self.config.attention
-                )
-        folder = self.config.local_path()
+                model = AutoModel.from_config(self.config.hf_config(), **options)
+            return quantize_through_folder(model, {**options, **quantized}) if quantized else model
+        path = self.config.local_path()
+        if self.config.is_gguf:
+            with gguf_loading(path, "its weights"):
+                model = AutoModel.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, **options)
+            return quantize_through_folder(model, {**options, **quantized}) if quantized else model
         try:
-            return AutoModel.from_pretrained(
-                folder, dtype=dtype, attn_implementation=self.config.attention, local_files_only=True
-            )
+            return AutoModel.from_pretrained(path, local_files_only=True, **options, **quantized)
         except WEIGHT_FILE_ERRORS as error:
             if not is_broken_file(error):
                 raise
-            weights = [path for path in sorted(folder.iterdir()) if path.suffix in WEIGHT_SUFFIXES]
-            raise unreadable_weights(weights[0] if len(weights) == 1 else folder, "LLM weights", error) from None
+            weights = [file for file in sorted(path.iterdir()) if file.suffix in WEIGHT_SUFFIXES]
+            raise unreadable_weights(weights[0] if len(weights) == 1 else path, "LLM weights", error) from None
 
     def train(self, mode: bool = True) -> "FrozenLLM":
         """Stay in eval mode: the frozen model has no dropout to train (and Lightning calls train()).

@@ -30,7 +30,7 @@ pickling carry working taps that point at the copied fusion modules.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -47,14 +47,14 @@ SITES = ("attention_input", "kv", "attention_output", "mlp_input", "ffn_activati
 
 @dataclass
 class TapPayload:
-    """Base of every payload: records which (layer, site) transforms it reached.
+    """Base of every payload.
 
-    A fusion method checks this after the model call (`check_reached`), so a model whose taps were
-    lost (a copy built without them, an attention implementation reset by hand) fails loudly
-    instead of silently running text-only.
+    Each tap notes the payload its transforms last received (`LayerTap.reached`); a fusion method checks
+    after the model call that every one received this call's (`check_reached`), so a model whose taps
+    were lost (a copy built without them, an attention implementation reset by hand) fails loudly
+    instead of silently running text-only. The note is kept on the tap, whose keys never change, not in
+    the payload: a compiled layer then meets the same state at every call (no recompiling per layer).
     """
-
-    reached: set[tuple[int, str]] = field(default_factory=set, init=False, repr=False)
 
 
 class LayerTap:
@@ -66,6 +66,7 @@ class LayerTap:
         self.kernel = kernel  # the attention implementation the tapped one wraps
         self.transforms = transforms
         self.payload: Any = None
+        self.reached: dict[str, Any] = dict.fromkeys(transforms)  # site -> the payload it last received
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def apply(self, site: str, *values: torch.Tensor):
@@ -74,8 +75,7 @@ class LayerTap:
         payload = self.payload
         if transform is None or payload is None:
             return values if len(values) > 1 else values[0]
-        if isinstance(payload, TapPayload):
-            payload.reached.add((self.layer_index, site))
+        self.reached[site] = payload
         return transform(*values, payload)
 
     def remove(self) -> None:
@@ -227,9 +227,12 @@ def tapped_layers(model: nn.Module) -> list[int]:
     return [index for index, layer in enumerate(model.layers) if getattr(layer.self_attn, TAP_ATTRIBUTE, None)]
 
 
-def check_reached(payload: TapPayload, expected: set[tuple[int, str]], method: str) -> None:
-    """Fail loudly when a payload did not reach every transform its fusion method installed."""
-    missing = expected - payload.reached
+def check_reached(payload: TapPayload, taps: list[LayerTap], method: str) -> None:
+    """Fail loudly when a payload did not reach every transform of `taps` (its fusion method's)."""
+    missing = {(tap.layer_index, site) for tap in taps for site, last in tap.reached.items() if last is not payload}
+    for tap in taps:  # the payload's tensors are not kept alive until the next call (in place: same dict, same keys)
+        for site in tap.reached:
+            tap.reached[site] = None
     if missing:
         shown = ", ".join(f"layer {index + 1} {site}" for index, site in sorted(missing))
         raise RuntimeError(

@@ -9,74 +9,101 @@ from contextlib import contextmanager
 from functools import partial
 from math import ceil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
 from mit_lightning.backbones.llm import last_token
 from mit_lightning.backbones.vision import VisionShape
-from mit_lightning.bench.measure import measure, release
+from mit_lightning.bench.measure import measure
 from mit_lightning.bench.report import Report
+from mit_lightning.compiling import Compile
 from mit_lightning.data.refer import RefCOCODataModule
 from mit_lightning.data.synthetic import write_synthetic_refer
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
 from mit_lightning.fusion.base import Fusion, ModelDims
+from mit_lightning.measuring import release
 from mit_lightning.module import MiTModule
 from mit_lightning.scales import Scale, build_module, synthetic_batch, vision_config
 
+#: every linear layer of a LLaMA-family decoder (LLaVA-1.5's LoRA targets)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: strategy → its fusion factory at a scale, with the settings of its configs/peers overlay; each gets a
 #: `<strategy>_train` case. MiT comes first: the floor and inference are measured on its model, and every
-#: ratio refers to it. PILL is measured in stage 2, where everything of it trains.
+#: ratio refers to it. PILL is measured in stage 2, where everything of it trains, on every patch token and
+#: on the 32 tokens of its overlays (a learned-query resampler, as its Q-Former), so both regimes are costed.
 STRATEGIES: dict[str, Callable[[Scale], Callable[[ModelDims], Fusion]]] = {
     "mit": lambda scale: partial(MiT, layers=scale.layers),
     "concat": lambda scale: TokenConcat,
-    "concat_lora": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
+    "concat_lora_r16_qkv": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
+    "concat_lora_r128_all_linear": lambda scale: partial(
+        TokenConcat, lora=LoRA(rank=128, alpha=256.0, target_modules=list(ALL_LINEAR), dropout=0.05)
+    ),
     "pill": lambda scale: partial(PILL, stage=2, rank=32, projector="linear"),
+    "pill_32_tokens": lambda scale: partial(PILL, stage=2, rank=32, projector="linear", tokens=32),
     "modex": lambda scale: partial(ModeX, rank=16),
 }
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+#: how the steps run: under bf16 autocast (like `precision: bf16-mixed`) or in the weights' own dtypes
+Precision = Literal["bf16-mixed", "32"]
+
+
+def default_precision(device: torch.device) -> Precision:
+    return "bf16-mixed" if device.type == "cuda" else "32"
+
+
+def _autocast(device: torch.device, precision: Precision | None):
+    mixed = (precision or default_precision(device)) == "bf16-mixed"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)
 
 
 # --- the steps ------------------------------------------------------------------------------------
+class _StartGraph(torch.nn.Module):
+    """Stands in for a decoder layer: the hidden state entering it becomes a leaf that requires grad, outside
+    the layer (inside a compiled layer, `requires_grad_` would break its graph)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(hidden_states.detach().requires_grad_(), *args, **kwargs)
+
+
 @contextmanager
 def graph_from_layer(module: MiTModule, layer: int) -> Iterator[None]:
     """Make the hidden state entering decoder layer `layer` (1-based) a leaf that requires grad."""
-
-    def start_graph(_layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
-
-    handle = module.llm.layers[layer - 1].register_forward_pre_hook(start_graph, with_kwargs=True, prepend=True)
+    layers = module.llm.layers
+    original = layers[layer - 1]
+    layers[layer - 1] = _StartGraph(original)
     try:
         yield
     finally:
-        handle.remove()
+        layers[layer - 1] = original
 
 
-def floor_step(module: MiTModule, batch: dict[str, Any], first_layer: int) -> None:
+def floor_step(module: MiTModule, batch: dict[str, Any], first_layer: int, precision: Precision | None = None) -> None:
     """The frozen backbones' share of a step, with backward from the last token down to `first_layer` (1-based)."""
-    with graph_from_layer(module, first_layer), _autocast(module.device):
+    with graph_from_layer(module, first_layer), _autocast(module.device, precision):
         module.encode_modalities(batch)
         input_ids, attention_mask = module.llm.tokenize(batch["prompt"], module.device)
         feature = last_token(module.llm(attention_mask, input_ids=input_ids), attention_mask)
     feature.float().sum().backward()
 
 
-def training_step(module: MiTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+def training_step(module: MiTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+                  precision: Precision | None = None) -> None:
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(module.device):
+    with _autocast(module.device, precision):
         loss = module.training_step(batch, 0)
     loss.backward()
     optimizer.step()
 
 
-def inference_step(module: MiTModule, batch: dict[str, Any]) -> None:
-    with torch.inference_mode(), _autocast(module.device):
+def inference_step(module: MiTModule, batch: dict[str, Any], precision: Precision | None = None) -> None:
+    with torch.inference_mode(), _autocast(module.device, precision):
         module(batch)
 
 
@@ -85,17 +112,25 @@ def _timing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return dict(steps=args.steps, warmup=args.warmup, device=device)
 
 
+def compiled_name(case: str, mode: Compile) -> str:
+    """A case's name when its model is compiled in `mode`: `mit_train@reduce-overhead`; eager ones keep theirs."""
+    return case if mode == "none" else f"{case}@{mode}"
+
+
 def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:
-    """floor, mit_train and mit_inference on one MiT model, then each other strategy's training step."""
-    module = build_module(scale, STRATEGIES["mit"](scale), args.text_length, device)
-    run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers))
-    module.eval()
-    for batch_size in sorted({1, *args.batch_sizes}):
-        batch = synthetic_batch(module, scale, batch_size, args.text_length, device)
-        measured = measure({"mit_inference": lambda: inference_step(module, batch)}, **_timing(args, device))
-        report.case("mit_inference", batch_size, measured["mit_inference"])
-    del module, batch
-    release(device)
+    """floor, mit_train and mit_inference on one MiT model per compile mode, then each other strategy's training
+    step (eager)."""
+    for mode in args.compile:
+        module = build_module(scale, STRATEGIES["mit"](scale), args.text_length, device, compile=mode)
+        run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers), mode=mode)
+        module.eval()
+        name = compiled_name("mit_inference", mode)
+        for batch_size in sorted({1, *args.batch_sizes}):
+            batch = synthetic_batch(module, scale, batch_size, args.text_length, device)
+            measured = measure({name: lambda: inference_step(module, batch, args.precision)}, **_timing(args, device))
+            report.case(name, batch_size, measured[name], compile=mode)
+        del module, batch
+        release(device)
     for strategy in args.strategies:
         if strategy == "mit":
             continue
@@ -106,19 +141,20 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
 
 
 def run_training_cases(report: Report, module: MiTModule, case: str, scale: Scale, args: argparse.Namespace,
-                       floor_from: int | None = None) -> None:
+                       floor_from: int | None = None, mode: Compile = "none") -> None:
     """Training steps at every batch size, alternating with the floor's when `floor_from` names the first
-    infused layer."""
+    infused layer; `mode`: how `module` is compiled (the floor runs on its compiled layers too)."""
     optimizer = module.configure_optimizers()["optimizer"]
     timing = _timing(args, module.device)
     module.train()
     for batch_size in args.batch_sizes:
         batch = synthetic_batch(module, scale, batch_size, args.text_length, module.device)
-        steps = {case: lambda: training_step(module, optimizer, batch)}
+        steps = {compiled_name(case, mode): lambda: training_step(module, optimizer, batch, args.precision)}
         if floor_from is not None:
-            steps = {"floor": lambda: floor_step(module, batch, floor_from), **steps}
+            floor = partial(floor_step, module, batch, floor_from, args.precision)
+            steps = {compiled_name("floor", mode): floor, **steps}
         for name, measured in measure(steps, **timing).items():
-            report.case(name, batch_size, measured)
+            report.case(name, batch_size, measured, compile=mode)
 
 
 def run_data_loading(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import torch
 
 import mit_lightning.bench as package
-from mit_lightning.bench.cases import STRATEGIES, run_data_loading, run_module_cases
-from mit_lightning.bench.report import Report, ratios
+from mit_lightning.backbones.llm import DType
+from mit_lightning.bench.cases import STRATEGIES, Precision, default_precision, run_data_loading, run_module_cases
+from mit_lightning.bench.report import Report, ratios, target_lines
+from mit_lightning.bench.weights import weight_memory_lines
+from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
+from mit_lightning.measuring import positive_int
 from mit_lightning.scales import SCALES
 
 
@@ -24,17 +30,10 @@ def _device(name: str | None, scale: str) -> torch.device:
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu "
                         "(--scale tiny or small).")
     if scale == "7b" and name != "cuda":
-        raise UserError("--scale 7b needs a CUDA GPU (token concatenation alone takes about 33 GiB at batch 8); "
-                        "on a CPU, use --scale small (or tiny).")
+        raise UserError("--scale 7b measures the 7B targets on a CUDA GPU, and there is none here: nothing was "
+                        "measured and no target can be checked (token concatenation alone takes about 33 GiB at "
+                        "batch 8). On a CPU, use --scale small (or tiny).")
     return torch.device(name)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _non_negative(text: str) -> int:
@@ -66,26 +65,53 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads of the measured steps (default: torch's choice); 1 keeps timings steady on a "
                              "busy machine, where threads of one operation wait on each other")
+    parser.add_argument("--compile", nargs="+", choices=get_args(Compile), default=None,
+                        help="MiT's floor, training and inference cases once per mode (model.compile), compiled "
+                             "cases named <case>@<mode>; peers run eagerly. Default: none (7b: none reduce-overhead)")
+    parser.add_argument("--precision", choices=get_args(Precision), default=None,
+                        help="bf16-mixed: steps under bf16 autocast, like precision: bf16-mixed; 32: in the weights' "
+                             "dtypes. Default: bf16-mixed on a GPU, 32 on a CPU")
+    parser.add_argument("--dtype", choices=get_args(DType), default=None,
+                        help="dtype of the frozen backbones (default: the scale's; tiny and small float32, 7b "
+                             "bfloat16); e.g. --scale tiny --dtype bfloat16 --precision bf16-mixed counts a bf16 "
+                             "run's casts on a CPU")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
                         help="skip the data-loading case")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
+    parser.add_argument("--weight-memory", action="store_true",
+                        help="only print the frozen LLM's weight memory at LLaMA-2 7B, 13B and 70B shapes under "
+                             "model.llm.quantization none, int8 and nf4 (computed on the meta device; no GPU needed)")
     return parser
+
+
+def _print_lines(lines: list[dict], output: Path | None) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    print(text, end="", flush=True)
+    if output is not None:
+        output.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.weight_memory:
+        _print_lines(weight_memory_lines(), args.output)
+        return
     scale = SCALES[args.scale]
+    if args.dtype is not None:
+        scale = dataclasses.replace(scale, dtype=args.dtype)
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.steps = args.steps or scale.steps
     args.warmup = scale.warmup if args.warmup is None else args.warmup
     args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies) if name != "mit")]
+    args.compile = list(dict.fromkeys(args.compile or scale.compile))
     device = _device(args.device, args.scale)
+    args.precision = args.precision or default_precision(device)
     output = open(args.output, "w") if args.output is not None else None
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        report = Report(args.scale, device, args.text_length, args.steps, output)
+        report = Report(args.scale, device, args.text_length, args.steps, output, args.precision)
         with warnings.catch_warnings():
             # training_step logs its loss; without a Trainer, Lightning only warns that nothing is logged
             warnings.filterwarnings("ignore", message=r".*self\.log\(\)` but the `self\.trainer` reference")
@@ -94,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_module_cases(report, scale, args, device)
         if args.data_loading:
             run_data_loading(report, scale, args, device)
-        report.emit(ratios(report, args.strategies, args.batch_sizes,
-                           with_targets=args.scale == "7b" and device.type == "cuda", device=device))
+        line = ratios(report, args.strategies, args.batch_sizes, with_targets=args.scale == "7b" and device.type == "cuda",
+                      device=device, compile_modes=args.compile)
+        report.emit(line)
+        if line["targets"] is not None:
+            print("\n".join(target_lines(line["targets"])), file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(threads)
         if output is not None:

@@ -1,91 +1,23 @@
-"""Timing and peak memory of a piece of work, on a GPU or a CPU.
+"""Timing, peak memory and operation counts of a piece of work, on a GPU or a CPU.
 
-Peak memory: on a GPU, `torch.cuda.max_memory_allocated` (weights included); on a CPU, how far the
-process's peak resident memory rose (Linux `/proc`, else None): a rough figure, since freed memory
-the allocator keeps is not counted again.
+Counts (`count_operations`, one profiled call under torch.profiler): `casts`, the `aten::_to_copy` calls
+(dtype casts, autocast's included, and device copies); `launches`, on a GPU the kernel launches the host
+makes (`cudaLaunchKernel` and its kin; a replayed CUDA graph is one `cudaGraphLaunch`), on a CPU the
+operator calls that do the work (ATen operators that call no other, allocations and views left out; kernels inductor generates for the
+CPU are not seen by the profiler, operators they call are).
+
+Peak memory: `mit_lightning.measuring.PeakMemory`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import time
 from typing import Any, Callable
 
 import torch
 
-MIB = 2**20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def release(device: torch.device) -> None:
-    """Give back what earlier work left behind before measuring the next."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> int | None:
-    """The current resident size in KiB, after resetting the kernel's peak (Linux); None where impossible.
-
-    Memory freed earlier is handed back to the system first (glibc keeps it otherwise), so that the
-    measured work's own allocations raise the resident size again.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return None
-    return _status_kib("VmRSS")
-
-
-class PeakMemory:
-    """Peak memory during a block, in MiB (see the module docstring for what it means per device)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mib: float | None = None
-        self._start_kib: int | None = None
-
-    @property
-    def measure(self) -> str:
-        return "cuda_max_memory_allocated" if self.device.type == "cuda" else "cpu_peak_rss_rise"
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._start_kib = _reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / MIB
-            return
-        peak = _status_kib("VmHWM")
-        if self._start_kib is not None and peak is not None:
-            self.mib = max(peak - self._start_kib, 0) / 1024
+from mit_lightning.measuring import PeakMemory, release, synchronize
 
 
 def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
@@ -123,9 +55,38 @@ def measure(cases: dict[str, Callable[[], Any]], *, steps: int, warmup: int,
         failed = {"ms": None, "peak_memory_mib": None, "memory_measure": measure_name, "error": "out of memory"}
         return {name: dict(failed) for name in cases}
     results = {}
-    for name in cases:
+    for name, step in cases.items():
         measured: dict[str, Any] = {"ms": 1000 * statistics.median(times[name])}
         if device.type == "cpu":
             measured["cpu_ms"] = 1000 * statistics.median(cpu_times[name])
-        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name}
+        results[name] = {**measured, "peak_memory_mib": peaks[name], "memory_measure": measure_name,
+                         **count_operations(step, device)}
     return results
+
+
+#: the CUDA runtime and driver calls that start work on the GPU
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                          "cudaLaunchCooperativeKernel", "cudaGraphLaunch"})
+CAST = "aten::_to_copy"
+#: ATen operators that allocate or view memory without running a kernel on it
+NO_KERNEL = frozenset({"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::resize_",
+                       "aten::_reshape_alias", "aten::alias", "aten::_unsafe_view", "aten::lift_fresh", "aten::set_"})
+
+
+def count_operations(step: Callable[[], Any], device: torch.device) -> dict[str, int]:
+    """Casts and launches of one call of `step` (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    events = profiler.events()
+    casts = sum(event.name == CAST for event in events)
+    if device.type == "cuda":
+        launches = sum(event.name in LAUNCH_CALLS for event in events)
+    else:
+        launches = sum(event.name.startswith("aten::") and event.name not in NO_KERNEL
+                       and not any(child.name.startswith("aten::") for child in event.cpu_children)
+                       for event in events)
+    return {"casts": casts, "launches": launches}

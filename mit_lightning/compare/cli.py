@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
+import json
+import os
 import re
 import subprocess
 import sys
@@ -15,17 +15,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mit_lightning.compare as package
-from mit_lightning.bench.cli import positive_int
 from mit_lightning.compare.cost import COST_FILE
-from mit_lightning.compare.table import Row, markdown, write_csv
+from mit_lightning.compare.plots import write_plots
+from mit_lightning.compare.table import Row, markdown, metric_columns, paired_markdown, write_csv
 from mit_lightning.errors import UserError
-from mit_lightning.experiments import find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.experiments import config_args, find_results, missing_inputs, problems_by_message, split_at_dashes
+from mit_lightning.interrupt import run_child
+from mit_lightning.measuring import positive_int
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 PEERS = "configs/peers"
 COST_CALLBACK = "mit_lightning.compare.TrainingCost"
 #: `model.init_weights: ${MIT_<STRATEGY>_CKPT}` in an overlay: it starts from that strategy's trained weights
 #: (PILL stage 2 from stage 1); compare runs that strategy first and hands its last checkpoint over
+#: the environment variables that set a run's CPU threads (torch's intra-op pool follows OMP_NUM_THREADS)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STARTS_FROM = re.compile(r"^\$\{MIT_(?P<name>[A-Z0-9_]+)_CKPT\}$")
 
 
@@ -36,9 +40,7 @@ class Strategy:
     name: str
     overlay: Path
     config: Any  # the parsed run config (jsonargparse Namespace)
-    directory: Path | None = None
     starts_from: str | None = None  # the strategy whose trained weights this one starts from
-    start_checkpoint: Path | None = None  # that strategy's last checkpoint, once it has trained
 
 
 def available_strategies(folder: Path) -> dict[str, Path]:
@@ -51,21 +53,8 @@ def available_strategies(folder: Path) -> dict[str, Path]:
     return dict(sorted(overlays.items(), key=lambda item: (item[0] != "mit", item[0])))
 
 
-def _parse(args: list[str]):
-    """The run config of `mit fit <args>`; a config error becomes a UserError with jsonargparse's message."""
-    from mit_lightning.cli import parse_run_config
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            return parse_run_config(args)
-    except SystemExit:
-        message = stderr.getvalue().rsplit("error: ", 1)[-1].strip()
-        raise UserError(" ".join(message.split())) from None
-
-
 def fit_args(configs: Sequence[str], overlay: Path, budget: list[str], extra: list[str]) -> list[str]:
-    return [*(arg for config in configs for arg in ("--config", config)), "--config", str(overlay), *budget, *extra]
+    return [*config_args([*configs, overlay]), *budget, *extra]
 
 
 def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
@@ -78,7 +67,9 @@ def starts_from(config: Any, strategies: Sequence[str]) -> str | None:
 def check(name: str, overlay: Path, configs: Sequence[str], budget: list[str], extra: list[str],
           strategies: Sequence[str] = ()) -> Strategy:
     """Parse the strategy's config and check its weights and data paths; nothing is loaded."""
-    config = _parse(fit_args(configs, overlay, budget, extra))
+    from mit_lightning.cli import parse_run_config
+
+    config = parse_run_config(fit_args(configs, overlay, budget, extra))
     logger = config.trainer.logger
     if isinstance(logger, list):
         raise UserError("mit compare gives every strategy its own log folder, which it cannot do for a list of "
@@ -130,35 +121,107 @@ def new_folder(root: Path) -> Path:
             number += 1
 
 
-def command(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
-    directory = str(strategy.directory)
-    placement = ["--trainer.default_root_dir", directory]
+ARGUMENTS_FILE = "arguments.json"
+
+
+def comparison_folder(root: Path, arguments: list[str]) -> Path:
+    """The newest comparison with these same arguments that stopped before its table (Ctrl-C, SIGTERM): it is
+    continued; otherwise a new folder, which records its arguments."""
+    unfinished = [folder for folder in root.glob("version_*") if not (folder / "comparison.md").exists()]
+    for folder in sorted(unfinished, key=lambda folder: folder.stat().st_mtime, reverse=True):
+        try:
+            same = json.loads((folder / ARGUMENTS_FILE).read_text()) == arguments
+        except (OSError, ValueError):
+            continue
+        if same:
+            print(f"Continuing the comparison stopped in {folder}", flush=True)
+            return folder
+    folder = new_folder(root)
+    (folder / ARGUMENTS_FILE).write_text(json.dumps(arguments) + "\n")
+    return folder
+
+
+def same_optimizer(configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
+    """Arguments giving every strategy the task config's optimizer and schedule, every argument spelled out
+    (an overlay's own values, e.g. PILL's betas, would otherwise survive a change of class)."""
+    from mit_lightning.cli import parse_run_config
+    from mit_lightning.module import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER
+
+    base = [*config_args(configs), *budget, *extra]
+    config = parse_run_config(base)
+    defaults = []
+    if config.model.optimizer is None:
+        defaults += ["--model.optimizer", json.dumps(DEFAULT_OPTIMIZER)]
+    if config.model.lr_scheduler is None:
+        defaults += ["--model.lr_scheduler", json.dumps(DEFAULT_LR_SCHEDULER)]
+    if defaults:
+        config = parse_run_config([*base, *defaults])
+    return [argument for key in ("optimizer", "lr_scheduler")
+            for argument in (f"--model.{key}", json.dumps(config.model[key].as_dict()))]
+
+
+def command(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint: Path | None,
+            configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
+    placement = ["--trainer.default_root_dir", str(directory)]
     logger = strategy.config.trainer.logger
     if logger and "save_dir" in (getattr(logger, "init_args", None) or {}):
-        placement += ["--trainer.logger.init_args.save_dir", directory]
-    if strategy.start_checkpoint is not None:
-        placement += ["--model.init_weights", str(strategy.start_checkpoint)]
+        placement += ["--trainer.logger.init_args.save_dir", str(directory)]
+    if start_checkpoint is not None:
+        placement += ["--model.init_weights", str(start_checkpoint)]
+    if seed is not None:
+        placement += ["--seed_everything", str(seed)]
     return [sys.executable, "-m", "mit_lightning", "fit", *fit_args(configs, strategy.overlay, budget, []),
-            "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
+            "--test_after_fit", "true", *placement, "--ckpt_path", "last", f"--trainer.callbacks+={COST_CALLBACK}",
+            *extra]
 
 
-def run(strategy: Strategy, configs: Sequence[str], budget: list[str], extra: list[str]) -> Row:
-    """`mit fit ... --test_after_fit true` in a process of its own; its output goes to <run>/fit.log."""
-    strategy.directory.mkdir()
-    log = strategy.directory / "fit.log"
-    print(f"{strategy.name}: training (output in {log}) ...", end=" ", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as output:
-        code = subprocess.run(command(strategy, configs, budget, extra), stdout=output, stderr=subprocess.STDOUT).returncode
+def load_per_core() -> float | None:
+    """The machine's one-minute load average over its cores (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The environment of a run whose CPU threads are pinned to `threads` (None: torch's choice)."""
+    if threads is None:
+        return dict(os.environ)
+    return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
+
+
+def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint: Path | None,
+        configs: Sequence[str], budget: list[str], extra: list[str], threads: int | None = None) -> Row:
+    """`mit fit ... --test_after_fit true` in a process of its own, in `directory` (its CPU threads pinned to
+    `threads`); its output goes to fit.log. The machine's load is read before and after: above one per core, the
+    run's wall times include waiting for other processes, which is said on the console and in the table."""
+    log = directory / "fit.log"
+    name = strategy.name + (f" (seed {seed})" if seed is not None else "")
+    metrics, cost = find_results(directory), find_results(directory, COST_FILE)
+    if metrics is not None and cost is not None:  # trained before a comparison was stopped and continued
+        print(f"{name}: reusing the results in {directory}", flush=True)
+        return Row(strategy.name, metrics, cost, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"{name}: training (output in {log}) ...", end=" ", flush=True)
+    start, loads = time.perf_counter(), [load_per_core()]
+    with open(log, "a") as output:  # a run stopped earlier continues (--ckpt_path last), its log too
+        code = run_child(command(strategy, directory, seed, start_checkpoint, configs, budget, extra), stdout=output,
+                         stderr=subprocess.STDOUT, env=thread_environment(threads))
+    loads.append(load_per_core())
     print(f"{time.perf_counter() - start:.0f} s", flush=True)
+    load = max((value for value in loads if value is not None), default=None)
+    if load is not None and load > 1:
+        print(f"Warning: while {strategy.name} ran, the load was {load:.1f} per CPU core: its step time (wall) "
+              "includes waiting for other processes; compare the CPU time per step instead.", file=sys.stderr)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        print(f"{strategy.name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
-        return Row(strategy.name, problem=f"mit fit failed (exit code {code}), see {log}")
-    metrics, cost = find_results(strategy.directory), find_results(strategy.directory, COST_FILE)
+        print(f"{name} failed (exit code {code}); the end of its output:\n{tail}", file=sys.stderr)
+        return Row(strategy.name, problem=f"mit fit failed (exit code {code}), see {log}", seed=seed)
+    metrics, cost = find_results(directory), find_results(directory, COST_FILE)
     if metrics is None or cost is None:
-        return Row(strategy.name, metrics or {}, cost or {}, problem=f"no test metrics or training cost under {log.parent}")
-    return Row(strategy.name, metrics, cost)
+        return Row(strategy.name, metrics or {}, cost or {}, problem=f"no test metrics or training cost under {directory}",
+                   seed=seed)
+    return Row(strategy.name, metrics, {**cost, "load_per_core": load}, seed=seed)
 
 
 def summary_metrics(strategies: Sequence[Strategy]) -> tuple[str, ...]:
@@ -166,8 +229,8 @@ def summary_metrics(strategies: Sequence[Strategy]) -> tuple[str, ...]:
     return getattr(importlib.import_module(module), name).summary_metrics
 
 
-def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[str]) -> str:
-    """The table with what it was measured on; written to comparison.md and comparison.csv in `folder`."""
+def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[str], plots: Sequence[Path] = ()) -> str:
+    """The tables with what they were measured on; written to comparison.md and comparison.csv in `folder`."""
     memory = next((row.cost["memory_measure"] for row in rows if row.cost.get("memory_measure")), None)
     notes = [
         "Step time: median training step (forward, backward, optimizer step; data loading and validation "
@@ -176,12 +239,31 @@ def report(folder: Path, rows: list[Row], metrics: Sequence[str], header: list[s
             "cpu_peak_rss_rise": "rise of the process's peak resident memory during training (frozen weights, "
                                  "loaded before, not included; a rough figure).",
         }.get(memory, "not measured."),
-        f"Runs, logs and checkpoints: {folder}/<strategy>/",
+        "CPU time per step: the process's CPU time over the same steps, all its threads (on a busy machine the "
+        "steadier figure: wall time also counts waiting for other processes).",
+        *(f"Warning: the machine's load reached {row.cost['load_per_core']:.1f} per CPU core while {row.strategy} "
+          "ran: its step time includes waiting for other processes." for row in rows
+          if (row.cost.get("load_per_core") or 0) > 1),
+        f"Runs, logs and checkpoints: {folder}/<strategy>/seed_<seed>/",
     ]
+    paired = paired_markdown(rows, metrics)
+    seeds = sorted({row.seed for row in rows if row.seed is not None})
+    if paired and len(seeds) > 1:
+        notes.insert(0, f"Each strategy minus MiT, paired by seed: the mean difference over the seeds both ran "
+                        f"and its 95% t interval [low, high] ({len(seeds)} seeds: {len(seeds) - 1} degrees of freedom)."
+                        "\n\n" + paired + "\n")
+    if plots:
+        notes.append("Plots: " + ", ".join(path.name for path in plots) + f" (also in TensorBoard: {folder}/tensorboard)")
     text = "\n".join([*header, "", markdown(rows, metrics), "", *notes])
     (folder / "comparison.md").write_text(text + "\n")
     write_csv(folder / "comparison.csv", rows, metrics)
     return text
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,14 +277,36 @@ def parser() -> argparse.ArgumentParser:
                         help=f"strategy names (overlays in --peers, by file stem); default: every one that can run")
     parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every strategy (default 3)")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="also stop every run after this many steps")
-    parser.add_argument("--seed", type=int, default=None, help="seed of every run (default: the config's)")
+    parser.add_argument("--seed", type=int, default=None, help="the first seed (default: the config's)")
+    parser.add_argument("--seeds", type=positive_int, default=1,
+                        help="runs per strategy, with seeds seed, seed+1, ...; the table shows mean ± sd and a paired "
+                             "comparison with MiT (default 1)")
+    parser.add_argument("--same-optimizer", action="store_true",
+                        help="give every strategy the task config's optimizer and schedule instead of its overlay's "
+                             "own recipe")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="test metrics shown (default: the task head's summary metrics)")
     parser.add_argument("--peers", type=Path, default=Path(PEERS), help=f"the strategy overlays (default {PEERS})")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"),
                         help="each comparison gets a new version_<N> folder here (default runs/compare)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of every run (OMP/MKL), so that runs measured one after another use the same "
+                             "number whatever else runs; default: 1 without a CUDA GPU, else torch's choice")
     parser.add_argument("--list", action="store_true", help="list the strategies and exit")
     return parser
+
+
+def seed_list(first: int | None, count: int, config_seed: Any) -> list[int | None]:
+    """The seeds of every strategy's runs: `first` (default the config's), first+1, ...; [None] leaves one run
+    to a config whose seed is not a number (a random one)."""
+    if first is None:
+        if isinstance(config_seed, int) and not isinstance(config_seed, bool):
+            first = config_seed
+        elif count == 1:
+            return [None]
+        else:
+            first = 0
+    return list(range(first, first + count))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -211,28 +315,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs = args.config or [DEFAULT_CONFIG]
     budget = ["--trainer.max_epochs", str(args.epochs)]
     budget += ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
-    budget += ["--seed_everything", str(args.seed)] if args.seed is not None else []
     if args.list:
         print("\n".join(f"{name}  ({path})" for name, path in available_strategies(args.peers).items()))
         return
+    if args.same_optimizer:
+        budget += same_optimizer(configs, budget, extra)
     strategies = plan(args.strategies, args.peers, configs, budget, extra)
-    folder = new_folder(args.runs)
+    seeds = seed_list(args.seed, args.seeds, strategies[0].config.seed_everything)
+    threads = args.threads or (None if _has_cuda() else 1)
+    folder = comparison_folder(args.runs, [*own, "--", *extra])
     print(f"Comparing {', '.join(s.name for s in strategies)} in {folder}", flush=True)
-    rows = []
-    for strategy in strategies:
-        strategy.directory = folder / strategy.name
-        if strategy.starts_from:
-            strategy.start_checkpoint = next((folder / strategy.starts_from).rglob("last.ckpt"), None)
-            if strategy.start_checkpoint is None:
-                rows.append(Row(strategy.name, problem=f"it starts from {strategy.starts_from}'s weights, and "
-                                                        f"{strategy.starts_from} left no checkpoint"))
-                continue
-        rows.append(run(strategy, configs, budget, extra))
-    seed = strategies[0].config.seed_everything
+    rows, directories = [], {}
+    for seed in seeds:
+        for strategy in strategies:
+            directory = folder / strategy.name / f"seed_{seed if seed is not None else 'config'}"
+            start_checkpoint = None
+            if strategy.starts_from:
+                start = directory.parent.parent / strategy.starts_from / directory.name
+                start_checkpoint = next(start.rglob("last.ckpt"), None) if start.is_dir() else None
+                if start_checkpoint is None:
+                    rows.append(Row(strategy.name, problem=f"it starts from {strategy.starts_from}'s weights, and "
+                                                            f"{strategy.starts_from} left no checkpoint", seed=seed))
+                    continue
+            directories.setdefault(strategy.name, []).append(directory)
+            rows.append(run(strategy, directory, seed, start_checkpoint, configs, budget, extra, threads))
+    metrics = args.metrics or summary_metrics(strategies)
+    shown = ", ".join(str(seed) for seed in seeds) if seeds != [None] else "the config's"
     header = [f"## mit compare: {' + '.join(configs)}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}"
-              + (f" (at most {args.max_steps} steps)" if args.max_steps else "") + f", seed {seed}",
+              + (f" (at most {args.max_steps} steps)" if args.max_steps else "")
+              + (f", seeds {shown}: mean ± standard deviation over seeds" if len(seeds) > 1 else f", seed {shown}"),
+              "Optimiser: " + ("the task config's, for every strategy" if args.same_optimizer
+                               else "each strategy's own recipe (its overlay's; the task config's where it sets none)"),
               *([f"Arguments given to every run: {' '.join(extra)}"] if extra else []),
+              *([f"CPU threads per run: {threads}"] if threads else []),
               *(f"{s.name} starts from the weights {s.starts_from} trained; its budget comes on top of that one's."
                 for s in strategies if s.starts_from)]
-    print("\n" + report(folder, rows, args.metrics or summary_metrics(strategies), header))
+    plots = plot(folder, rows, metrics, directories)
+    print("\n" + report(folder, rows, metrics, header, plots))
     print(f"\nWritten to {folder / 'comparison.md'} and {folder / 'comparison.csv'}")
+
+
+def plot(folder: Path, rows: list[Row], metrics: Sequence[str], directories: dict[str, list[Path]]) -> list[Path]:
+    """The plots of the first metric column, when any run has it."""
+    columns = metric_columns(rows, metrics)
+    if not columns:
+        return []
+    label, key = columns[0]
+    return write_plots(folder, rows, key, label.split(" ")[0], directories)

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
-from mit_lightning.bench.measure import PeakMemory, synchronize
+from mit_lightning.measuring import PeakMemory, synchronize
 
 COST_FILE = "training_cost.json"
 
@@ -22,7 +23,10 @@ class TrainingCost(Callback):
     - step_ms: median time from `on_train_batch_start` to `on_train_batch_end` (forward, backward and
       optimizer step; data loading and validation are not in it), synchronised on a GPU. The first
       `warmup` steps (allocator and cache warm-up) are left out while later ones exist.
-    - peak_memory_mib: over the training loop, validation included (`bench.measure.PeakMemory`: on
+    - step_cpu_ms: the median CPU time the process spent over the same steps (all its threads): on a
+      busy CPU-only machine the wall time follows the other processes' load, the CPU time hardly does.
+    - threads: torch's CPU threads during the run.
+    - peak_memory_mib: over the training loop, validation included (`mit_lightning.measuring.PeakMemory`: on
       a GPU the peak allocated memory, weights included; on a CPU the rise of the peak resident size).
     - trainable / total parameters of the model.
 
@@ -35,21 +39,23 @@ class TrainingCost(Callback):
     def __init__(self, warmup: int = 3) -> None:
         self.warmup = warmup
         self._times: list[float] = []
-        self._start = 0.0
+        self._cpu_times: list[float] = []
+        self._start = self._cpu_start = 0.0
         self._memory: PeakMemory | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._times = []
+        self._times, self._cpu_times = [], []
         self._memory = PeakMemory(pl_module.device).__enter__()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         synchronize(pl_module.device)
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         synchronize(pl_module.device)
         self._times.append(time.perf_counter() - self._start)
+        self._cpu_times.append(time.process_time() - self._cpu_start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._memory.__exit__(None, None, None)
@@ -59,11 +65,14 @@ class TrainingCost(Callback):
             (directory / COST_FILE).write_text(json.dumps(self.summary(pl_module), indent=2) + "\n")
 
     def summary(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        timed = self._times[self.warmup:] if len(self._times) > self.warmup else self._times
+        skip = self.warmup if len(self._times) > self.warmup else 0
+        timed, cpu_timed = self._times[skip:], self._cpu_times[skip:]
         parameters = list(pl_module.parameters())
         return {
             "step_ms": 1000 * statistics.median(timed) if timed else None,
+            "step_cpu_ms": 1000 * statistics.median(cpu_timed) if cpu_timed else None,
             "steps_timed": len(timed),
+            "threads": torch.get_num_threads(),
             "peak_memory_mib": self._memory.mib,
             "memory_measure": self._memory.measure,
             "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),

@@ -156,9 +156,10 @@ def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> Batch:
 
 
 def _start_worker(worker_id: int) -> None:
-    """A pre-emption's SIGTERM reaches the whole process group: workers leave it to the main process,
-    which finishes the batch, saves the latest checkpoint and then stops them (see `resume.py`)."""
+    """A pre-emption's SIGTERM, like a terminal's Ctrl-C, reaches the whole process group: workers leave both
+    to the main process, which finishes the batch, saves the latest checkpoint and then stops them (`interrupt.py`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     pl_worker_init_function(worker_id)
 
 

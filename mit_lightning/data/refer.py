@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,13 +100,61 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str,
     only pixels equal to 1, which turns overlaps between parts into background.
     """
     parts = [segmentation] if isinstance(segmentation, dict) else list(segmentation)
-    # a part with fewer than 3 points encloses nothing, and pycocotools would read 4 numbers as a box
-    polygons = [part for part in parts if not isinstance(part, dict) and len(part) >= 6]
+    polygons = [[float(value) for value in part] for part in parts if encloses_area(part)]
     rles = list(mask_utils.frPyObjects(polygons, height, width)) if polygons else []
     rles += [_compressed_rle(part, height, width) for part in parts if isinstance(part, dict)]
     if not rles:
         return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
     return mask_utils.merge(rles)
+
+
+def encloses_area(part: Any) -> bool:
+    """A polygon part of at least 3 points: an even count (≥ 6) of finite coordinates. Fewer points enclose nothing,
+    and pycocotools would read 4 numbers as a box."""
+    return (isinstance(part, (list, tuple)) and len(part) >= 6 and len(part) % 2 == 0
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    for value in part))
+
+
+def check_segmentation(segmentation: Any, height: int, width: int) -> int:
+    """How many polygon parts of a segmentation enclose nothing (`encloses_area`; the mask leaves them out).
+
+    Raises `ValueError` for a segmentation in no COCO form, or an RLE that does not cover its image exactly:
+    pycocotools decodes run lengths without bounds, so longer runs would write past the mask.
+    """
+    if not isinstance(segmentation, (dict, list, tuple)):
+        raise ValueError(f"a segmentation is a list of polygons or an RLE, not a {type(segmentation).__name__}")
+    parts = [segmentation] if isinstance(segmentation, dict) else list(segmentation)
+    for rle in (part for part in parts if isinstance(part, dict)):
+        size, counts = rle.get("size"), rle.get("counts")
+        if list(size or ()) != [height, width]:
+            raise ValueError(f"an RLE of size {size} on an image of {height}×{width}")
+        runs = _string_runs(counts) if isinstance(counts, (str, bytes)) else counts
+        if (not isinstance(runs, list) or not all(isinstance(run, int) and run >= 0 for run in runs)
+                or sum(runs) != height * width):
+            raise ValueError(f"an RLE whose runs do not cover its {height}×{width} pixels exactly")
+    return sum(1 for part in parts if not isinstance(part, dict) and not encloses_area(part))
+
+
+def _string_runs(counts: str | bytes) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString), None if it is cut short."""
+    text = counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts
+    runs: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                return None
+            code = ord(text[position]) - 48
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
 
 
 def _compressed_rle(rle: dict[str, Any], height: int, width: int) -> dict[str, Any]:
@@ -124,6 +173,7 @@ def decode_mask(rle: dict[str, Any]) -> np.ndarray:
 # --- loading ----------------------------------------------------------------------------------
 #: what every ref must carry; ``sentences`` is checked sentence by sentence
 REF_IDENTIFIERS = ("ref_id", "ann_id", "image_id", "split")
+REF_TYPES = {"ref_id": int, "ann_id": int, "image_id": int, "split": str}
 
 
 def load_refs(path: Path) -> list[dict[str, Any]]:
@@ -136,6 +186,10 @@ def load_refs(path: Path) -> list[dict[str, Any]]:
         if missing:
             raise UserError(f"Ref #{position} (ref_id {ref.get('ref_id', '?')}) in '{path}' lacks {', '.join(missing)}; "
                             f"every ref carries {', '.join(REF_IDENTIFIERS)} and sentences. Re-download the file.")
+        odd = [key for key, kind in REF_TYPES.items() if not isinstance(ref[key], kind) or isinstance(ref[key], bool)]
+        if odd:
+            raise UserError(f"Ref #{position} in '{path}' has a {odd[0]} of type {type(ref[odd[0]]).__name__} "
+                            f"({ref[odd[0]]!r:.40}); ids are integers and the split a name. Re-download the file.")
     return refs
 
 
@@ -145,16 +199,35 @@ def load_instances(path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dic
         with open(path, encoding="utf-8") as file:
             instances = json.load(file)
         images = {image["id"]: image for image in instances["images"]}
-        return images, {annotation["id"]: annotation for annotation in instances["annotations"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise UserError(f"'{path}' is not a COCO-style instances file ({error!r}). Re-download it.") from error
+    for kind, listed, by_id in (("image", instances["images"], images), ("annotation", instances["annotations"],
+                                                                         annotations)):
+        if len(by_id) != len(listed):  # the later entry would silently replace the earlier one
+            ids = [entry["id"] for entry in listed]
+            repeated = next(entry_id for entry_id in ids if ids.count(entry_id) > 1)
+            raise UserError(f"'{path}' lists {len(listed) - len(by_id)} {kind} ids more than once (e.g. {repeated}): "
+                            "which entry a ref means is ambiguous. Re-download it.")
+    return images, annotations
 
 
 def refs_by_split(refs: Iterable[Ref], splits: Sequence[str], source: Path) -> dict[str, list[Ref]]:
     """Group the refs of the wanted splits; an unknown split name is an error listing the available ones."""
     grouped: dict[str, list[Ref]] = {}
+    first_split: dict[Any, str] = {}
+    report = SetupReport(str(source))
     for ref in refs:
+        earlier = first_split.get(ref["ref_id"])
+        if earlier is not None and earlier != ref["split"]:
+            raise UserError(f"Ref {ref['ref_id']} in '{source}' is in split '{earlier}' and again in '{ref['split']}': "
+                            "evaluating on one would test on what was trained on. Re-download the file.")
+        if earlier is not None:
+            report.exclude(f"ref {ref['ref_id']}", "refs listed again (a repeat would count twice), the first kept")
+            continue
+        first_split[ref["ref_id"]] = ref["split"]
         grouped.setdefault(ref["split"], []).append(ref)
+    report.log()
     unknown = [split for split in splits if split not in grouped]
     if unknown:
         raise UserError(
@@ -181,19 +254,27 @@ def referred_objects(refs: Iterable[Ref], images: Mapping[int, Record], annotati
         if not sentences:
             report.exclude(f"ref {ref['ref_id']}", "refs without any sentence to read")
             continue
+        where = (f"Image {ref['image_id']} / annotation {ref['ann_id']} of ref {ref['ref_id']} in the instances.json "
+                 f"beside '{source}'")
+        if annotation.get("image_id", ref["image_id"]) != ref["image_id"]:
+            raise UserError(f"{where}: the annotation belongs to image {annotation['image_id']}, so the mask would be "
+                            "another image's. The two files come from different downloads; re-download the dataset.")
         try:
             file_name, height, width = image["file_name"], int(image["height"]), int(image["width"])
             segmentation = annotation["segmentation"]
+            broken_parts = check_segmentation(segmentation, height, width)
         except (KeyError, TypeError, ValueError) as error:
-            raise UserError(f"Image {ref['image_id']} / annotation {ref['ann_id']} of ref {ref['ref_id']} in the "
-                            f"instances.json beside '{source}' lack a valid file_name, height, width or segmentation "
-                            f"({error!r}). Re-download the dataset.") from error
-        objects.append(ReferredObject(
-            ref_id=int(ref["ref_id"]),
-            image_path=str(image_dir / file_name),
-            mask=segmentation_to_rle(segmentation, height, width),
-            sentences=sentences,
-        ))
+            raise UserError(f"{where} lack a valid file_name, height, width or segmentation ({error}). Re-download the "
+                            "dataset.") from error
+        if broken_parts:
+            report.repair(f"annotation {ref['ann_id']}", "annotations with polygon parts of fewer than 3 points (or an "
+                                                         "odd or non-finite coordinate list), each part left out")
+        mask = segmentation_to_rle(segmentation, height, width)
+        if not mask_utils.area(mask):
+            report.exclude(f"ref {ref['ref_id']}", "refs whose segmentation is empty (no polygon of 3 points or more, "
+                                                   "or no pixel)")
+            continue
+        objects.append(ReferredObject(int(ref["ref_id"]), str(image_dir / file_name), mask, sentences))
     return objects
 
 
@@ -204,15 +285,19 @@ def ref_sentences(ref: Ref, field: str, source: Path, report: SetupReport) -> tu
     other field is absent it takes this one's text.
     """
     sentences = ref.get("sentences") or []
-    if not isinstance(sentences, (list, tuple)) or not all(isinstance(s, Mapping) and "sent_id" in s for s in sentences):
+    if not isinstance(sentences, (list, tuple)) or not all(isinstance(s, Mapping) and isinstance(s.get("sent_id"), int) for s in sentences):
         raise UserError(f"Ref {ref['ref_id']} in '{source}' has sentences that are not dicts with a sent_id "
                         "(expected sentences=[{sent_id, sent, raw, tokens}]). Re-download the file.")
-    kept = []
+    kept, seen = [], set()
     for sentence in sentences:
         record = f"ref {ref['ref_id']} sentence {sentence['sent_id']}"
+        if sentence["sent_id"] in seen:
+            report.exclude(record, "sentences listed again in their ref (a repeat would count twice), the first kept")
+            continue
+        seen.add(sentence["sent_id"])
         texts = {name: as_text(sentence.get(name), record, report) for name in SENTENCE_FIELDS}
         if texts[field] is None:
-            report.exclude(record, f"sentences without '{field}' text (null, missing or not a string)")
+            report.exclude(record, f"sentences without '{field}' text (null, empty, missing or not a string)")
             continue
         texts = {name: text if text is not None else texts[field] for name, text in texts.items()}
         kept.append(Sentence(int(sentence["sent_id"]), texts["sent"].lower(), texts["raw"]))
@@ -237,11 +322,17 @@ def check_images(objects: Sequence[ReferredObject], split: str, image_dir: Path)
             f"{len(missing)} of the {len(annotated)} images of split '{split}' are missing from '{image_dir}' "
             f"(e.g. {shown}). Complete the image download (see data/README.md) or point data.image_dir at them."
         )
-    disagreeing = []
+    disagreeing, turned = [], []
     for path, (height, width) in sorted(annotated.items()):
-        size = header_size(path)
-        if size is not None and size != (width, height):
-            disagreeing.append(f"'{path}' is {size[0]}×{size[1]}, instances.json says {width}×{height}")
+        header = header_size(path)
+        if header is not None and header[:2] != (width, height):
+            disagreeing.append(f"'{path}' is {header[0]}×{header[1]}, instances.json says {width}×{height}")
+        if header is not None and header[2] != 1:
+            turned.append(path)
+    if turned:
+        log.warning("%s: %d of the %d images carry an EXIF orientation (first: %s); they are read as stored, the "
+                    "frame instances.json annotates, not turned as a photo viewer shows them.", split, len(turned),
+                    len(annotated), ", ".join(turned[:3]))
     if disagreeing:
         raise UserError(
             f"{len(disagreeing)} of the {len(annotated)} images of split '{split}' do not have the width×height "
@@ -283,7 +374,7 @@ class ReferringSegmentationDataset(Dataset):
         if sentence_index is None:
             sentence_index = draw % len(obj.sentences)
         sentence = obj.sentences[sentence_index]
-        image = read_rgb(obj.image_path)
+        image = read_rgb(obj.image_path, upright=False)  # the frame its mask is annotated in
         if isinstance(image, UnreadableImage):
             return image
         mask = decode_mask(obj.mask)
@@ -437,6 +528,17 @@ class RefCOCODataModule(MiTDataModule):
             report.log()
             check_images(objects[split], split, self.files.image_dir)
         return objects
+
+    def one_sentence_per_ref(self, split: str) -> ReferringSegmentationDataset:
+        """The refs of `split` for evaluation (masks as evaluation has them), each sample's sentence chosen by the
+        draw it is indexed with, (index, draw): the authors' release evaluates so during training."""
+        if split not in self._records:
+            self._records.update(self._read_splits([split]))
+        return ReferringSegmentationDataset(
+            self._records[split], prompt=self.prompt_format, image_size=self.image_size or self.model_image_size(),
+            mask_size=None if self.eval_at_original_size else self.mask_size, random_sentence=True,
+            sentence_field=self.sentence_field,
+        )
 
     def _make_dataset(self, split: str, objects: list[ReferredObject], *, training: bool) -> Dataset:
         dataset = ReferringSegmentationDataset(

@@ -5,7 +5,9 @@ It lets the demo and the tests run the RefCOCO loader end to end without COCO. E
 image every object has its own colour and its own shape, so every sentence ("the red circle",
 "the circle that is red", "the red one", ...) names exactly one object. About a quarter of the
 shapes are cut in two by a thin gap, so masks made of two polygons are exercised. Splits:
-train / val / test (images are split, as in RefCOCO; there is no testA/testB).
+train / val / test (images are split, as in RefCOCO; there is no testA/testB), and optionally
+test_unseen: new images whose expressions use words and sentence shapes never seen in training
+("the crimson disc", "find the box in azure"), which a pretrained LLM may still understand.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mit_lightning.data.refer import COLLECTIONS, RefCOCODataModule, dataset_split_by, decode_mask, segmentation_to_rle
-from mit_lightning.errors import UserError, expand_env
+from mit_lightning.errors import UserError, expand_env, make_folder
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -37,7 +39,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")  # category ids 1..4
 EXPRESSIONS = ("the {colour} {shape}", "{colour} {shape}", "the {shape} that is {colour}", "the {colour} one",
                "the {shape}")
-SPLITS = ("train", "val", "test")
+#: the test_unseen split's wording: synonyms of every colour and shape, and sentence shapes of its own
+UNSEEN_COLOURS = {"red": ("crimson", "scarlet"), "green": ("emerald", "lime"), "blue": ("azure", "navy"),
+                  "yellow": ("golden", "lemon"), "purple": ("violet", "lilac"), "orange": ("amber", "tangerine")}
+UNSEEN_SHAPES = {"circle": ("disc", "round shape"), "square": ("box", "block"), "triangle": ("wedge", "pyramid"),
+                 "diamond": ("rhombus", "lozenge")}
+UNSEEN_EXPRESSIONS = ("find the {colour} {shape}", "the {shape} in {colour}", "pick the {shape} coloured {colour}",
+                      "a {colour} {shape}")
+SPLITS = ("train", "val", "test", "test_unseen")
 MARKER = "synthetic_refer.json"  # written last: its presence means the dataset is complete
 GENERATOR_VERSION = 1
 CUT_PROBABILITY = 0.25
@@ -116,12 +125,17 @@ def render(objects: Sequence[dict[str, Any]], size: int, rng: np.random.Generato
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
-def describe(colour: str, shape: str, rng: np.random.Generator, sent_id: int) -> list[dict[str, Any]]:
-    """2–3 distinct referring expressions in the refs format: `raw` as typed, `sent` lower-cased tokens."""
-    chosen = rng.choice(len(EXPRESSIONS), size=int(rng.integers(2, 4)), replace=False)
+def describe(colour: str, shape: str, rng: np.random.Generator, sent_id: int,
+             unseen: bool = False) -> list[dict[str, Any]]:
+    """2–3 distinct referring expressions in the refs format: `raw` as typed, `sent` lower-cased tokens.
+
+    `unseen`: in the test_unseen split's words (a synonym of the colour and of the shape) and sentence shapes."""
+    templates = UNSEEN_EXPRESSIONS if unseen else EXPRESSIONS
+    chosen = rng.choice(len(templates), size=int(rng.integers(2, 4)), replace=False)
     sentences = []
     for offset, choice in enumerate(chosen):
-        raw = EXPRESSIONS[choice].format(colour=colour, shape=shape)
+        words = (rng.choice(UNSEEN_COLOURS[colour]), rng.choice(UNSEEN_SHAPES[shape])) if unseen else (colour, shape)
+        raw = templates[choice].format(colour=words[0], shape=words[1])
         if rng.random() < 0.5:
             raw = raw[0].upper() + raw[1:]
         if rng.random() < 0.3:
@@ -133,16 +147,22 @@ def describe(colour: str, shape: str, rng: np.random.Generator, sent_id: int) ->
 
 # --- the whole dataset ------------------------------------------------------------------------
 def _settings(*, dataset: str, split_by: str | None, train_images: int, val_images: int, test_images: int,
-              image_size: int, seed: int) -> dict[str, Any]:
-    """Validated generator settings; the same dict is stored in the marker to recognise the dataset."""
+              test_unseen_images: int = 0, image_size: int, seed: int) -> dict[str, Any]:
+    """Validated generator settings; the same dict is stored in the marker to recognise the dataset.
+
+    Without a test_unseen split the dict is the one written before that split existed, so datasets
+    generated then are still recognised (their other splits are the same images either way)."""
     split_by = dataset_split_by(dataset, split_by)
     for name, value in (("train_images", train_images), ("val_images", val_images), ("test_images", test_images)):
         if value < 1:
             raise UserError(f"The synthetic dataset needs at least one image per split; {name} is {value}.")
+    if test_unseen_images < 0:
+        raise UserError(f"test_unseen_images is {test_unseen_images}; give 0 (no test_unseen split) or more.")
     if image_size < 32:
         raise UserError(f"Synthetic images need at least 32 pixels to hold their shapes; image_size is {image_size}.")
+    unseen = {"test_unseen_images": test_unseen_images} if test_unseen_images else {}
     return {"generator": __name__, "version": GENERATOR_VERSION, "dataset": dataset, "split_by": split_by,
-            "train_images": train_images, "val_images": val_images, "test_images": test_images,
+            "train_images": train_images, "val_images": val_images, "test_images": test_images, **unseen,
             "image_size": image_size, "seed": seed}
 
 
@@ -151,7 +171,7 @@ def _write_files(folder: Path, settings: dict[str, Any]) -> None:
     size, dataset = settings["image_size"], settings["dataset"]
     image_dir = folder / COLLECTIONS[dataset].image_dirs[0]
     image_dir.mkdir(parents=True)
-    splits = [split for split in SPLITS for _ in range(settings[f"{split}_images"])]
+    splits = [split for split in SPLITS for _ in range(settings.get(f"{split}_images", 0))]
     images, annotations, refs = [], [], []
     next_sent_id = 0
     for image_id, split in enumerate(splits, start=1):
@@ -167,7 +187,7 @@ def _write_files(folder: Path, settings: dict[str, Any]) -> None:
             annotations.append({"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
                                 "segmentation": obj["parts"], "area": float(mask_utils.area(rle)),
                                 "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
-            sentences = describe(obj["colour"], obj["shape"], rng, sent_id=next_sent_id)
+            sentences = describe(obj["colour"], obj["shape"], rng, sent_id=next_sent_id, unseen=split == "test_unseen")
             next_sent_id += len(sentences)
             refs.append({"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
                          "category_id": category_id, "sent_ids": [s["sent_id"] for s in sentences],
@@ -204,7 +224,7 @@ def _not_ours(root: Path) -> UserError:
 
 def write_synthetic_refer(root: str | os.PathLike, *, dataset: str = "refcoco", split_by: str | None = None,
                           train_images: int = 600, val_images: int = 60, test_images: int = 100,
-                          image_size: int = 64, seed: int = 0) -> Path:
+                          test_unseen_images: int = 0, image_size: int = 64, seed: int = 0) -> Path:
     """Write the synthetic dataset at `root` in the refer layout, or reuse it if already there; returns the root.
 
     Nothing existing is overwritten or deleted: the files are written into a fresh sibling folder
@@ -213,21 +233,25 @@ def write_synthetic_refer(root: str | os.PathLike, *, dataset: str = "refcoco", 
     """
     root = Path(expand_env(str(root)))
     settings = _settings(dataset=dataset, split_by=split_by, train_images=train_images, val_images=val_images,
-                         test_images=test_images, image_size=image_size, seed=seed)
+                         test_images=test_images, test_unseen_images=test_unseen_images, image_size=image_size,
+                         seed=seed)
     if _holds(root, settings):
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise _not_ours(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(root.parent, "The folder of the synthetic dataset", "Choose another data.root.")
     staging = root.parent / f".{root.name}-partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         _write_files(staging, settings)
         try:
             os.rename(staging, root)  # atomic; fails if another process filled `root` meanwhile
         except OSError:
             if not _holds(root, settings):
                 raise _not_ours(root) from None
+    except OSError as error:
+        raise UserError(f"Cannot write the synthetic dataset beside '{root}' ({error.strerror or error}). Choose "
+                        "another data.root.") from None
     finally:
         if staging.exists():  # only ever our own staging folder
             shutil.rmtree(staging)
@@ -242,9 +266,12 @@ class SyntheticRefCOCODataModule(RefCOCODataModule):
         train_images: Number of training images (2–4 refs each).
         val_images: Number of validation images.
         test_images: Number of test images.
+        test_unseen_images: Number of images of the test_unseen split, described in words and sentence shapes never
+            seen in training (0: no such split).
         generated_image_size: Side of the generated square images in pixels.
         seed: Generator seed; the dataset is the same for the same settings.
-        test_splits: Splits tested on (the synthetic splits are train, val and test).
+        test_splits: Splits tested on (the synthetic splits are train, val, test and, with test_unseen_images,
+            test_unseen).
         mask_size: Side of the square target masks.
         **kwargs: Any other `RefCOCODataModule` argument.
     """
@@ -257,6 +284,7 @@ class SyntheticRefCOCODataModule(RefCOCODataModule):
         train_images: int = 600,
         val_images: int = 60,
         test_images: int = 100,
+        test_unseen_images: int = 0,
         generated_image_size: int = 64,
         seed: int = 0,
         test_splits: Sequence[str] = ("test",),
@@ -265,8 +293,8 @@ class SyntheticRefCOCODataModule(RefCOCODataModule):
     ) -> None:
         super().__init__(root=root, test_splits=test_splits, mask_size=mask_size, **kwargs)
         self.generator_args = dict(dataset=self.dataset, split_by=self.split_by, train_images=train_images,
-                                   val_images=val_images, test_images=test_images, image_size=generated_image_size,
-                                   seed=seed)
+                                   val_images=val_images, test_images=test_images,
+                                   test_unseen_images=test_unseen_images, image_size=generated_image_size, seed=seed)
         _settings(**self.generator_args)  # bad sizes fail now, not in prepare_data
 
     def prepare_data(self) -> None:

@@ -21,6 +21,7 @@ class TokenConcat(TokenFusion):
         modalities: the token sources in order ("image", sequence modalities); None = all the model has.
         lora: LoRA on the frozen LLM (peft); None = no LoRA.
         projector_bias: whether the projector has biases.
+        tokens: tokens per source after a learned-query resampler (e.g. 32); None = every patch or frame.
     """
 
     method = "TokenConcat"

@@ -53,8 +53,8 @@ Init = Literal["identity", "default"]
 class InfusionPayload(TapPayload):
     """Per-batch inputs every infused layer reads: the vector I and which tokens are real."""
 
-    vector: torch.Tensor  # (B, d_I)
-    token_mask: torch.Tensor  # (B, T), 1 = real token
+    vector: torch.Tensor  # (B, d_I), in the maps' compute dtype
+    token_mask: torch.Tensor  # (B, T) float32, 1 = real token
 
 
 def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -64,12 +64,13 @@ def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor
     (Σ_t m_t V_t) · I_a, so the (B, H, T, d) values are read twice (a masked sum and squared norms)
     rather than once per product term.
     """
-    value, add = value.float(), add.float().squeeze(2)
-    mask = token_mask.to(torch.float32)
-    dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
-    value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
-    repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
-    return dot / (value_norm * repeated_add_norm).clamp_min(eps)
+    with torch.autocast(value.device.type, enabled=False):  # float32 throughout: autocast would cast back for einsum
+        value, add = value.float(), add.float().squeeze(2)
+        mask = token_mask.to(torch.float32)
+        dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
+        value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
+        repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
+        return dot / (value_norm * repeated_add_norm).clamp_min(eps)
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -124,7 +125,7 @@ class InfusionLayer(nn.Module):
 
     def _multiply_add(self, maps: nn.Linear, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d_I) → multiply and add terms shaped (B, H, 1, d) to broadcast over tokens."""
-        terms = maps(vector.to(maps.weight.dtype))
+        terms = maps(vector)
         multiply, add = terms.view(vector.shape[0], 2, self.num_kv_heads, 1, self.head_dim).unbind(dim=1)
         return multiply, add
 
@@ -154,8 +155,9 @@ class InfusionLayer(nn.Module):
         value_multiply, value_add = self._multiply_add(self.value_maps, payload.vector)
         gate = None
         if self.head_scale is not None:
-            similarity = head_cosine(value, value_add, payload.token_mask)
-            gate = torch.sigmoid(self.head_scale + similarity)[:, :, None, None]
+            similarity = head_cosine(value, value_add, payload.token_mask)  # in float32: a sum over T·d terms
+            # in the maps' dtype (bf16 under autocast): the small terms combine without a cast per operation
+            gate = torch.sigmoid(self.head_scale + similarity)[:, :, None, None].to(key_multiply.dtype)
         key_scale, key_shift = self._scale_shift(key_multiply, key_add, gate)
         value_scale, value_shift = self._scale_shift(value_multiply, value_add, gate)
         new_key = torch.addcmul(key_shift, key, key_scale)
@@ -169,7 +171,7 @@ class InfusionLayer(nn.Module):
 
     def infuse_ffn(self, activation: torch.Tensor, payload: InfusionPayload) -> torch.Tensor:
         """Eq. 7 on the gated-MLP activation (B, T, d_ff)."""
-        scale = self.ffn_map(payload.vector.to(self.ffn_map.weight.dtype))
+        scale = self.ffn_map(payload.vector)
         infused = activation * scale[:, None, :]
         if self.observed is not None:
             self._record("ffn", relative_change(infused[:, None], activation[:, None], payload.token_mask))
@@ -258,9 +260,13 @@ class MiT(Fusion):
 
     def forward(self, llm: FrozenLLM, input_ids, attention_mask, inputs: FusionInputs) -> torch.Tensor:
         vector = torch.cat([inputs.vectors[name] for name in self.modalities], dim=-1)
-        payload = InfusionPayload(vector=vector, token_mask=attention_mask)
+        # cast once per call, not in every layer: to autocast's dtype (the maps' inputs would be cast to it) or the maps'
+        device = vector.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else next(self.infusions.parameters()).dtype)
+        payload = InfusionPayload(vector=vector.to(dtype), token_mask=attention_mask.to(torch.float32))
         hidden = llm(attention_mask, input_ids=input_ids, **{PAYLOAD_KWARG: payload})
-        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, "MiT")
+        check_reached(payload, self._taps, "MiT")
         return last_token(hidden, attention_mask)
 
 

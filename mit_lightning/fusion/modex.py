@@ -79,6 +79,7 @@ class ModeX(TokenFusion):
         projector: "mlp" (LLaVA-1.5's connector) or "linear".
         modalities: the token sources in order ("image", sequence modalities); None = all the model has.
         lora: LoRA on the frozen LLM (peft); None = no LoRA (the paper).
+        tokens: tokens per source after a learned-query resampler (e.g. 32); None = every patch or frame.
     """
 
     method = "ModeX"
@@ -91,10 +92,12 @@ class ModeX(TokenFusion):
         projector: Projector = "mlp",
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
+        tokens: int | None = None,
     ) -> None:
         if rank <= 0:
             raise UserError(f"ModeX rank must be a positive integer (16/32 small, 128 as LLaVA-1.5); got {rank}.")
-        super().__init__(dims, vision_block=vision_block, projector=projector, modalities=modalities, lora=lora)
+        super().__init__(dims, vision_block=vision_block, projector=projector, modalities=modalities, lora=lora,
+                         tokens=tokens)
         width = dims.llm.hidden_size
         self.layers = nn.ModuleList(ModeXLayer(width, rank) for _ in range(dims.llm.num_layers))
 

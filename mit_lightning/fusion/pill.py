@@ -19,6 +19,11 @@ everything with MAG on, W_g starting from 0, from stage 1's weights (`model.init
 the start of stage 2 the modality values are gated shut (tanh 0 = 0): text attends to the modality
 keys, whose values are zero, and stage 2 learns how much of each head to let through.
 
+Stage 1 as the authors' release runs it (`flip_last_routing`, on by default): in the last layer the
+routing is flipped, text positions through A_vis and modality positions through A_txt. The task
+head reads the last text token, which in the last layer only A_txt would change; flipped, that
+layer's A_vis trains too (without it, it gets exactly zero gradient).
+
 Choices of this implementation:
 - With grouped-query attention W_g has one row per key/value head (the values' heads); LLaMA-2-7B
   has as many key/value heads as heads, so the sizes match the paper there.
@@ -74,12 +79,14 @@ class PILLPayload(TapPayload):
 
 
 class PILLLayer(nn.Module):
-    """A_attn, W_g (MAG), A_vis and A_txt of one decoder layer; `gating` = MAG on."""
+    """A_attn, W_g (MAG), A_vis and A_txt of one decoder layer; `gating` = MAG on; `flipped` = text through
+    A_vis and modality tokens through A_txt."""
 
-    def __init__(self, index: int, shape: LLMShape, rank: int, gating: bool) -> None:
+    def __init__(self, index: int, shape: LLMShape, rank: int, gating: bool, flipped: bool = False) -> None:
         super().__init__()
         self.index = index  # 0-based decoder layer
         self.gating = gating
+        self.flipped = flipped
         width = shape.hidden_size
         self.attention_adapter = SwiGLUAdapter(width, rank)
         self.gate = nn.Linear(width, shape.num_kv_heads, bias=False)  # W_g
@@ -102,9 +109,10 @@ class PILLLayer(nn.Module):
         return key, (value * factor.transpose(1, 2)[..., None]).to(value.dtype)
 
     def route_mlp_input(self, hidden: torch.Tensor, payload: PILLPayload) -> torch.Tensor:
-        """MoMAE: v + A_vis(v) at modality positions, v + A_txt(v) at text positions."""
+        """MoMAE: v + A_vis(v) at modality positions, v + A_txt(v) at text positions (the other way round if flipped)."""
         features = _in_dtype_of(self, hidden)
-        added = torch.where(payload.modality[..., None], self.visual_adapter(features), self.text_adapter(features))
+        visual = payload.modality[..., None] != self.flipped
+        added = torch.where(visual, self.visual_adapter(features), self.text_adapter(features))
         return hidden + added.to(hidden.dtype)
 
 
@@ -119,6 +127,10 @@ class PILL(TokenFusion):
         projector: "linear" (the paper: one linear map without bias) or "mlp".
         modalities: the token sources in order ("image", sequence modalities); None = all the model has.
         lora: LoRA on the frozen LLM (peft); None = no LoRA (the paper).
+        tokens: tokens per source after a learned-query resampler (32, as PILL's Q-Former, in the
+            overlays); None = every patch or frame.
+        flip_last_routing: in stage 1, route text through A_vis and modality tokens through A_txt in the
+            last layer, as the release does, so that layer's A_vis trains.
     """
 
     method = "PILL"
@@ -132,15 +144,22 @@ class PILL(TokenFusion):
         projector: Projector = "linear",
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
+        tokens: int | None = None,
+        flip_last_routing: bool = True,
     ) -> None:
         check_choice("PILL stage", stage, Stage)
         if rank <= 0:
             raise UserError(f"PILL adapter rank must be a positive integer; got {rank}.")
         super().__init__(
-            dims, vision_block=vision_block, projector=projector, modalities=modalities, lora=lora, projector_bias=False
+            dims, vision_block=vision_block, projector=projector, modalities=modalities, lora=lora, projector_bias=False,
+            tokens=tokens,
         )
         self.stage = stage
-        self.layers = nn.ModuleList(PILLLayer(index, dims.llm, rank, stage == 2) for index in range(dims.llm.num_layers))
+        last = dims.llm.num_layers - 1
+        self.layers = nn.ModuleList(
+            PILLLayer(index, dims.llm, rank, gating=stage == 2, flipped=stage == 1 and flip_last_routing and index == last)
+            for index in range(dims.llm.num_layers)
+        )
         if stage == 1:
             self.layers.requires_grad_(False)
             for layer in self.layers:

@@ -12,6 +12,7 @@ frozen LLM (peft), installs a subclass's per-layer transforms at the tap sites o
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -36,6 +37,29 @@ def make_projector(kind: Projector, in_dim: int, out_dim: int, bias: bool = True
     return nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias), nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias))
 
 
+class Resampler(nn.Module):
+    """A fixed token budget: `tokens` learned queries attend to a source's tokens (one pre-norm
+    cross-attention), giving `tokens` tokens whatever the number of patches or frames, as PILL's
+    Q-Former gives its 32. Works in the source's width, before the projector; padded positions are
+    not attended to, and a sample without any real token gets masked (False) outputs."""
+
+    def __init__(self, width: int, tokens: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(tokens, width) * width**-0.5)
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, math.gcd(width, 8), batch_first=True)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) features and (B, N) mask (True = real) → (B, tokens, C) and (B, tokens)."""
+        real = mask.any(dim=1)
+        padding = ~mask
+        padding[:, 0] &= real  # an all-padded sample attends to its (zeroed) first position, not to nothing
+        keys = self.norm(features)
+        queries = self.queries.expand(features.shape[0], -1, -1)
+        resampled, _ = self.attention(queries, keys, keys, key_padding_mask=padding, need_weights=False)
+        return resampled, real[:, None].expand(-1, self.queries.shape[0])
+
+
 class ModalityTokens(nn.Module):
     """Projects each token source to the LLM width: CLIP patch tokens ("image") and raw feature sequences.
 
@@ -47,6 +71,8 @@ class ModalityTokens(nn.Module):
         bias: whether the projector's layers have a bias.
         modalities: the sources, in sequence order ("image" and/or sequence modalities); None = every
             source the model has (the image first, then the sequences by name).
+        tokens: a token budget per source: a learned-query `Resampler` gives this many tokens of each
+            (PILL's Q-Former: 32); None = every patch or frame (576 patches at ViT-L/14-336).
     """
 
     def __init__(
@@ -57,8 +83,11 @@ class ModalityTokens(nn.Module):
         projector: Projector = "mlp",
         bias: bool = True,
         modalities: Sequence[str] | None = None,
+        tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if tokens is not None and tokens < 1:
+            raise UserError(f"{method} token budget must be a positive number of tokens or null (all); got {tokens}.")
         widths = {**({IMAGE: dims.vision_width} if dims.vision_width is not None else {}), **dict(sorted(dims.sequences.items()))}
         chosen = list(widths) if modalities is None else list(modalities)
         if not chosen:
@@ -78,6 +107,7 @@ class ModalityTokens(nn.Module):
         self.projectors = nn.ModuleDict(
             {name: make_projector(projector, widths[name], dims.llm.hidden_size, bias) for name in chosen}
         )
+        self.resamplers = nn.ModuleDict({name: Resampler(widths[name], tokens) for name in chosen} if tokens else {})
 
     @property
     def vision_blocks(self) -> tuple[int, ...]:
@@ -95,6 +125,8 @@ class ModalityTokens(nn.Module):
                 # padding may hold anything (even -inf): zeroed, so masked positions stay finite
                 features = inputs.sequences[name].masked_fill(~mask[..., None], 0.0)
             weight = next(projector.parameters())
+            if name in self.resamplers:
+                features, mask = self.resamplers[name](features.to(weight.dtype), mask)
             tokens.append(projector(features.to(weight.dtype)).to(dtype))
             masks.append(mask)
         return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
@@ -108,7 +140,7 @@ class TokenFusion(Fusion):
 
     Args:
         dims: model sizes.
-        vision_block, projector, modalities: see `ModalityTokens`.
+        vision_block, projector, modalities, tokens: see `ModalityTokens`.
         projector_bias: whether the projector has biases.
         lora: LoRA on the frozen LLM (peft); None = the LLM's weights are left as they are.
     """
@@ -124,9 +156,10 @@ class TokenFusion(Fusion):
         modalities: Sequence[str] | None = None,
         lora: LoRA | None = None,
         projector_bias: bool = True,
+        tokens: int | None = None,
     ) -> None:
         super().__init__()
-        self.tokens = ModalityTokens(dims, self.method, vision_block, projector, projector_bias, modalities)
+        self.tokens = ModalityTokens(dims, self.method, vision_block, projector, projector_bias, modalities, tokens)
         self.vision_blocks = self.tokens.vision_blocks
         self.lora = lora
         self._taps: list[LayerTap] = []
@@ -167,5 +200,5 @@ class TokenFusion(Fusion):
         modality = torch.cat([torch.ones_like(token_mask), torch.zeros_like(attention_mask, dtype=torch.bool)], dim=1)
         payload = self.make_payload(modality)
         hidden = llm(mask, inputs_embeds=embeds, **{PAYLOAD_KWARG: payload})
-        check_reached(payload, {(tap.layer_index, site) for tap in self._taps for site in tap.transforms}, self.method)
+        check_reached(payload, self._taps, self.method)
         return last_token(hidden, mask)

@@ -32,6 +32,8 @@ from mit_lightning.metrics.segmentation import (
 
 Loss = Literal["dice", "bce", "ce", "dice+bce"]
 Decoder = Literal["film", "clipseg", "cnn"]
+#: what scales the clipseg decoder's initialisation: its own layers, or the CLIP encoder's depth (the release)
+InitDepth = Literal["decoder", "vision"]
 #: the decoder's width when none is set: film's first stage, clipseg's reduced width, cnn's conv width
 DEFAULT_WIDTHS = {"film": 256, "clipseg": 64, "cnn": 512}
 
@@ -107,6 +109,12 @@ class ReferringSegmentation(TaskHead):
         mlp_width: MLP width of the clipseg decoder's transformer layers.
         cnn_size: side in pixels to which the cnn decoder upsamples its second stage, doubled at each
             later stage (the release: 64, then 128).
+        class_weights: with loss "ce", the weights of the background and foreground classes (the release:
+            [0.9, 1.1]); None = unweighted.
+        align_corners: of the bilinear resizes of the logits to the mask size (loss, metrics, predictions) and
+            inside the cnn decoder; the release resizes with True.
+        clipseg_init_depth: the depth scaling the clipseg decoder's CLIP-style initialisation: "decoder" (its
+            own layers) or "vision" (the CLIP encoder's depth, as the release has it).
     """
 
     task = "segmentation"
@@ -115,10 +123,16 @@ class ReferringSegmentation(TaskHead):
     def __init__(
         self, dims: ModelDims, vision_blocks: Sequence[int] = (18, 12, 6), width: int | None = None,
         loss: Loss = "dice", decoder: Decoder = "film", heads: int = 4, mlp_width: int = 2048, cnn_size: int = 64,
+        class_weights: Sequence[float] | None = None, align_corners: bool = False,
+        clipseg_init_depth: InitDepth = "decoder",
     ) -> None:
         super().__init__()
         check_choice("Segmentation loss", loss, Loss)
         check_choice("Segmentation decoder", decoder, Decoder)
+        check_choice("Segmentation clipseg_init_depth", clipseg_init_depth, InitDepth)
+        if class_weights is not None and (loss != "ce" or len(class_weights) != 2 or min(class_weights) <= 0):
+            raise UserError(f"Segmentation class_weights {list(class_weights)} need loss: ce and two positive weights "
+                            "(background, foreground), e.g. [0.9, 1.1].")
         if dims.vision_depth is None:
             raise UserError("ReferringSegmentation needs a vision tower (model.vision).")
         outside = [block for block in vision_blocks if not 1 <= block <= dims.vision_depth]
@@ -129,6 +143,9 @@ class ReferringSegmentation(TaskHead):
             )
         self.vision_blocks = tuple(vision_blocks)
         self.loss_name = loss
+        self.align_corners = align_corners
+        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
+                             persistent=False)
         sizes = dict(
             text_dim=dims.llm.hidden_size,
             token_width=dims.vision_width,
@@ -138,9 +155,11 @@ class ReferringSegmentation(TaskHead):
             num_logits=2 if loss == "ce" else 1,
         )
         if decoder == "clipseg":
-            self.decoder = CLIPSegDecoder(**sizes, patch=dims.vision_patch, heads=heads, mlp_width=mlp_width)
+            init_depth = dims.vision_depth if clipseg_init_depth == "vision" else None
+            self.decoder = CLIPSegDecoder(**sizes, patch=dims.vision_patch, heads=heads, mlp_width=mlp_width,
+                                          init_depth=init_depth)
         elif decoder == "cnn":
-            self.decoder = ConvDecoder(**sizes, upsampled_size=cnn_size)
+            self.decoder = ConvDecoder(**sizes, upsampled_size=cnn_size, align_corners=align_corners)
         else:
             self.decoder = SegmentationDecoder(**sizes)
 
@@ -164,9 +183,9 @@ class ReferringSegmentation(TaskHead):
         return self._loss(output, target)
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = F.interpolate(output.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(output.float(), size=target.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         if self.loss_name == "ce":
-            return F.cross_entropy(logits, target.long())
+            return F.cross_entropy(logits, target.long(), weight=self.class_weights)
         bce = F.binary_cross_entropy_with_logits(logits[:, 0], target.float()) if "bce" in self.loss_name else 0.0
         dice = dice_loss(logits[:, 0].sigmoid(), target) if "dice" in self.loss_name else 0.0
         return dice + bce
@@ -186,7 +205,7 @@ class ReferringSegmentation(TaskHead):
         return [self._probability(logits[None], size)[0] for logits, size in zip(output, sizes)]
 
     def _probability(self, logits: torch.Tensor, size) -> torch.Tensor:
-        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=self.align_corners)
         return self.foreground_probability(logits)
 
     def _binary(self, logits: torch.Tensor, size) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Per sample, with binary prediction P and ground truth G: I = |P ∧ G|, U = |P ∨ G|.
 - oIoU = ΣI / ΣU over the split (the number the RefCOCO literature reports);
 - mIoU = mean of I/U, where a sample with an empty union (nothing predicted, nothing to find)
-  counts as IoU 1 — the prediction is exactly right (the authors' release counts it as 0;
-  RefCOCO has no empty targets, so the published numbers are unaffected);
+  counts as IoU 1 — the prediction is exactly right (the authors' release counts it as 0,
+  `empty_union=0`; RefCOCO has no empty targets, so the published numbers are unaffected);
 - prec@t = fraction of samples with IoU ≥ t.
 """
 
@@ -37,10 +37,11 @@ def mask_statistics(prediction: torch.Tensor | Sequence[torch.Tensor],
     return torch.cat([intersection_and_union(p[None], t[None]) for p, t in zip(prediction, target)])
 
 
-def per_sample_iou(rows: torch.Tensor) -> torch.Tensor:
-    """Each sample's IoU from its statistics rows; an empty prediction of an empty target scores 1."""
+def per_sample_iou(rows: torch.Tensor, empty_union: float = 1.0) -> torch.Tensor:
+    """Each sample's IoU from its statistics rows; an empty prediction of an empty target scores `empty_union`
+    (1: exactly right; the authors' release: 0)."""
     intersection, union = rows[:, 0], rows[:, 1]
-    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.full_like(union, empty_union, dtype=torch.float))
 
 
 class _IoUStatistics(PerSampleMetric):
@@ -62,10 +63,15 @@ class OverallIoU(_IoUStatistics):
 
 
 class MeanIoU(_IoUStatistics):
-    """Mean of per-sample IoU (mIoU)."""
+    """Mean of per-sample IoU (mIoU); `empty_union`: the IoU of a sample with nothing predicted and nothing to
+    find (1, exactly right; 0 in the authors' release)."""
+
+    def __init__(self, empty_union: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.empty_union = float(empty_union)
 
     def compute(self) -> torch.Tensor:
-        return per_sample_iou(self.unique_rows()).mean().float()
+        return per_sample_iou(self.unique_rows(), self.empty_union).mean().float()
 
 
 class PrecisionAtIoU(_IoUStatistics):

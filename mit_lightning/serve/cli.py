@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 from mit_lightning.cli import find_checkpoint
+from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
 
 #: NAME=PATH gives an adapter its name (a URL-safe word)
@@ -45,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
                         help="read the frozen LLM from here instead of the path the models were trained with")
     result.add_argument("--clip_weights", default=None,
                         help="read the CLIP weights from here instead of the path the models were trained with")
+    result.add_argument("--compile", choices=get_args(Compile), default=None,
+                        help="torch.compile the models (model.compile): default, reduce-overhead (CUDA graphs: "
+                             "fastest at small batches on a GPU), max-autotune or none; default: as trained. The "
+                             "first requests of each batch size and text bucket wait for the compilation")
     result.add_argument("--access_log", action="store_true",
                         help="print one line per request (client, method, path, status)")
     result.add_argument("--show_paths", action="store_true",
@@ -77,7 +82,8 @@ def main(args: Sequence[str]) -> None:
 
     predictors = load_adapters(
         sources(options.ckpt_path, options.config), device=options.device, llm_path=options.llm_path,
-        clip_weights=options.clip_weights, allow_other_backbones=options.allow_other_backbones, user_args=args,
+        clip_weights=options.clip_weights, allow_other_backbones=options.allow_other_backbones,
+        compile=options.compile, user_args=args,
     )
     app = create_app(predictors, max_batch_size=options.max_batch_size, max_wait_ms=options.max_wait_ms,
                      max_upload_mb=options.max_upload_mb, show_paths=options.show_paths)
