@@ -130,9 +130,9 @@ def test_tensorboard_shows_the_pictures_in_a_browser(tensorboard_url, tmp_path, 
     with Chromium(CHROMIUM, tmp_path / "profile") as browser:
         page = browser.open(f"{tensorboard_url}#timeseries", height=1100)
         page.wait_for(search, timeout=90)
-        page.evaluate(f"{search}.value = {tags!r}; {search}.dispatchEvent(new Event('input', {{bubbles: true}}))")
-        for card in cards:
-            page.wait_for(f"document.body.innerText.includes({card!r})", timeout=90)
+        typed = f"({search}.value = {tags!r}, {search}.dispatchEvent(new Event('input', {{bubbles: true}})))"
+        for card in cards:  # typed again while waiting: the filter typed before the runs load is dropped
+            page.wait_for(f"{typed} && document.body.innerText.includes({card!r})", timeout=180)
         time.sleep(5)  # the pictures load after their titles
         screenshot = Image.open(page.screenshot(tmp_path / f"{cards[0].replace('/', '_')}.png"))
     assert np.asarray(screenshot.convert("L")).std() > 20
