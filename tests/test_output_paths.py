@@ -144,7 +144,7 @@ def test_metrics_written_by_a_run_are_read_back_whole(tmp_path):
     results = {"test/oIoU": 0.5, "test/count": 3, "test/diverged": float("nan")}
     (tmp_path / RESULTS_FILE).write_text(json.dumps(results))
     found = find_results(tmp_path)
-    assert found["test/oIoU"] == 0.5 and found["test/count"] == 3
+    assert found["test/oIoU"] == 0.5 and found["test/count"] == 3 and found["test/diverged"] != found["test/diverged"]
 
 
 def test_mit_reproduce_over_a_damaged_test_metrics_file_is_one_line(tmp_path, monkeypatch, capsys, no_training):

@@ -274,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", action="append", default=None,
                         help=f"the run config every strategy shares (repeat to compose; default {DEFAULT_CONFIG})")
     parser.add_argument("--strategies", nargs="+", default=None,
-                        help=f"strategy names (overlays in --peers, by file stem); default: every one that can run")
+                        help="strategy names (overlays in --peers, by file stem); default: every one that can run")
     parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every strategy (default 3)")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="also stop every run after this many steps")
     parser.add_argument("--seed", type=int, default=None, help="the first seed (default: the config's)")
