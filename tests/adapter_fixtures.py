@@ -63,16 +63,18 @@ class DemoRun:
     data_root: Path
 
 
-def fit_demo(folder: Path) -> DemoRun:
-    """`mit fit --config configs/demo.yaml --config <overlay>`: a few synthetic images, one epoch."""
+def fit_demo(folder: Path, model: dict | None = None, train_images: int = 16) -> DemoRun:
+    """`mit fit --config configs/demo.yaml --config <overlay>`: a few synthetic images, one epoch; `model`:
+    model settings of the overlay (other backbones, layers)."""
     overlay = folder / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({
         "test_after_fit": False,
         "trainer": {"default_root_dir": str(folder / "runs"), "max_epochs": 1, "enable_progress_bar": False,
                     "enable_model_summary": False,
                     "logger": {"init_args": {"save_dir": str(folder / "runs")}}},
-        "data": {"init_args": {"root": str(folder / "data"), "train_images": 16, "val_images": 4, "test_images": 4,
-                               "batch_size": 8, "num_workers": 0}},
+        "data": {"init_args": {"root": str(folder / "data"), "train_images": train_images, "val_images": 4,
+                               "test_images": 4, "batch_size": 8, "num_workers": 0}},
+        **({"model": model} if model else {}),
     }))
     configs = [str(DEMO), str(overlay)]
     cli = cli_main(["fit", *[arg for config in configs for arg in ("--config", config)]])

@@ -100,6 +100,21 @@ def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
     assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
 
 
+def test_the_floor_starts_its_graph_without_breaking_a_compiled_layer():
+    from torch._dynamo.utils import counters
+
+    scale = scales.SCALES["tiny"]
+    module = scales.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
+    batch = scales.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in module.llm.layers:
+        layer.compile(backend="eager")  # dynamo's tracing without code generation
+    cases.floor_step(module, batch, 2)
+    assert dict(counters["graph_break"]) == {}
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in module.llm.layers)  # put back
+
+
 def test_an_out_of_memory_case_is_reported_not_fatal():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -197,3 +212,21 @@ def test_7b_llm_is_built_on_the_context_device_in_bf16():
 def test_7b_needs_a_gpu_and_says_nothing_was_measured():
     with pytest.raises(UserError, match="on a CUDA GPU, and there is none here: nothing was measured"):
         bench.main(["--scale", "7b", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_weight_memory_counts_what_bitsandbytes_stores(quantization):
+    from mit_lightning.bench.weights import stored_bytes, weight_bytes
+
+    counted = weight_bytes(FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16")).model, quantization)
+    loaded = FrozenLLM(LLMConfig(path="tiny", dtype="bfloat16", quantization=quantization)).model
+    assert counted == stored_bytes(loaded)
+
+
+def test_weight_memory_at_llama_2_scale_needs_no_memory(capsys, tmp_path):
+    bench.main(["--weight-memory", "--output", str(tmp_path / "lines.jsonl")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (tmp_path / "lines.jsonl").read_text().count("\n") == len(lines) == 9
+    gib = {(line["llm"], line["quantization"]): line["gib"] for line in lines}
+    assert 12 < gib["llama-2-7b", "none"] < 13  # 6.6 G parameters in bf16, no LM head
+    assert 36 < gib["llama-2-70b", "nf4"] < 37 < 64 < gib["llama-2-70b", "int8"] < gib["llama-2-70b", "none"]

@@ -141,10 +141,10 @@ def test_a_folder_named_like_the_results_is_not_read_as_results(tmp_path):
 
 
 def test_metrics_written_by_a_run_are_read_back_whole(tmp_path):
-    results = {"test/test/oIoU": 0.5, "test/test/count": 3, "test/test/diverged": float("nan")}
+    results = {"test/oIoU": 0.5, "test/count": 3, "test/diverged": float("nan")}
     (tmp_path / RESULTS_FILE).write_text(json.dumps(results))
     found = find_results(tmp_path)
-    assert found["test/test/oIoU"] == 0.5 and found["test/test/count"] == 3
+    assert found["test/oIoU"] == 0.5 and found["test/count"] == 3 and found["test/diverged"] != found["test/diverged"]
 
 
 def test_mit_reproduce_over_a_damaged_test_metrics_file_is_one_line(tmp_path, monkeypatch, capsys, no_training):

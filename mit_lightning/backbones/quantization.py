@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -49,18 +50,24 @@ def quantization_options(quantization: Quantization, dtype: torch.dtype) -> dict
     return {"quantization_config": config, "device_map": {"": torch.get_default_device()}}
 
 
-def quantize_through_folder(model: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
-    """`model` (built in memory) saved to a temporary folder and loaded back with `options` (quantising ones)."""
+def save_model_folder(model: torch.nn.Module, folder: str | Path) -> None:
+    """A model built in memory as a HuggingFace folder (config.json, model.safetensors) that loads from files."""
     from safetensors.torch import save_file
-    from transformers import AutoModel
 
     config = model.config
     if getattr(config, "quantization_config", None) is not None:  # a GGUF model's record of its file
         del config.quantization_config
+    config.save_pretrained(folder)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def quantize_through_folder(model: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
+    """`model` (built in memory) saved to a temporary folder and loaded back with `options` (quantising ones)."""
+    from transformers import AutoModel
+
     with tempfile.TemporaryDirectory(prefix="mit-quantize-") as folder:
-        config.save_pretrained(folder)
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
-                  f"{folder}/model.safetensors", metadata={"format": "pt"})
+        save_model_folder(model, folder)
         del model
         return AutoModel.from_pretrained(folder, local_files_only=True, **options)
 

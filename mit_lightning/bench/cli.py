@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import warnings
@@ -12,8 +14,10 @@ from typing import Sequence, get_args
 import torch
 
 import mit_lightning.bench as package
+from mit_lightning.backbones.llm import DType
 from mit_lightning.bench.cases import STRATEGIES, Precision, default_precision, run_data_loading, run_module_cases
 from mit_lightning.bench.report import Report, ratios, target_lines
+from mit_lightning.bench.weights import weight_memory_lines
 from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
 from mit_lightning.measuring import positive_int
@@ -67,15 +71,34 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=get_args(Precision), default=None,
                         help="bf16-mixed: steps under bf16 autocast, like precision: bf16-mixed; 32: in the weights' "
                              "dtypes. Default: bf16-mixed on a GPU, 32 on a CPU")
+    parser.add_argument("--dtype", choices=get_args(DType), default=None,
+                        help="dtype of the frozen backbones (default: the scale's; tiny and small float32, 7b "
+                             "bfloat16); e.g. --scale tiny --dtype bfloat16 --precision bf16-mixed counts a bf16 "
+                             "run's casts on a CPU")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
                         help="skip the data-loading case")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
+    parser.add_argument("--weight-memory", action="store_true",
+                        help="only print the frozen LLM's weight memory at LLaMA-2 7B, 13B and 70B shapes under "
+                             "model.llm.quantization none, int8 and nf4 (computed on the meta device; no GPU needed)")
     return parser
+
+
+def _print_lines(lines: list[dict], output: Path | None) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    print(text, end="", flush=True)
+    if output is not None:
+        output.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.weight_memory:
+        _print_lines(weight_memory_lines(), args.output)
+        return
     scale = SCALES[args.scale]
+    if args.dtype is not None:
+        scale = dataclasses.replace(scale, dtype=args.dtype)
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.steps = args.steps or scale.steps
     args.warmup = scale.warmup if args.warmup is None else args.warmup

@@ -10,7 +10,7 @@ that neither stops an epoch:
   `UnreadableImage` marker and the shared `collate` drops it, listing its path in
   ``batch["skipped"]`` so the LightningModule can count and report it.
 
-Batch keys (on top of the contract in `mit_lightning.data.base`): ``label`` long (B,), ``text``
+Batch keys (on top of the contract in `mit_lightning.batch`): ``label`` long (B,), ``text``
 and ``image_path`` list[str].
 """
 

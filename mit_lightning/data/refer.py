@@ -529,6 +529,17 @@ class RefCOCODataModule(MiTDataModule):
             check_images(objects[split], split, self.files.image_dir)
         return objects
 
+    def one_sentence_per_ref(self, split: str) -> ReferringSegmentationDataset:
+        """The refs of `split` for evaluation (masks as evaluation has them), each sample's sentence chosen by the
+        draw it is indexed with, (index, draw): the authors' release evaluates so during training."""
+        if split not in self._records:
+            self._records.update(self._read_splits([split]))
+        return ReferringSegmentationDataset(
+            self._records[split], prompt=self.prompt_format, image_size=self.image_size or self.model_image_size(),
+            mask_size=None if self.eval_at_original_size else self.mask_size, random_sentence=True,
+            sentence_field=self.sentence_field,
+        )
+
     def _make_dataset(self, split: str, objects: list[ReferredObject], *, training: bool) -> Dataset:
         dataset = ReferringSegmentationDataset(
             objects,
