@@ -20,7 +20,8 @@ def find_results(directory: Path, name: str = RESULTS_FILE) -> dict[str, float] 
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A JSON mapping a run wrote (of metric names to numbers, for test metrics).
+    """A JSON mapping a run wrote: for test metrics, metric names to numbers, by their current names (results
+    written before a rename are still reused).
 
     A file in another form (not JSON, cut short, other values) is one line naming it: reused as it was, it
     would fill a table with whatever it holds, or end in a traceback.
@@ -38,7 +39,7 @@ def read_results(path: Path) -> dict[str, Any]:
     if not expected:
         what = "metric names to numbers" if metrics else "names to values"
         raise UserError(f"'{path}' does not map {what} as a run writes it. Delete it to run that experiment again.")
-    return results
+    return current_names(results) if metrics else results
 
 
 def missing_inputs(config) -> list[str]:
