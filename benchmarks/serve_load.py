@@ -56,6 +56,7 @@ def start_server(options: argparse.Namespace) -> tuple[subprocess.Popen, str]:
                "--max_batch_size", str(options.max_batch_size), "--max_wait_ms", str(options.max_wait_ms)]
     command += [arg for path in options.ckpt_path for arg in ("--ckpt_path", path)]
     command += [arg for config in options.config for arg in ("--config", config)]
+    command += ["--compile", options.compile] if options.compile else []
     return subprocess.Popen(command), f"http://127.0.0.1:{port}/"
 
 
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max_batch_size", type=int, default=8, help="for the started server")
     parser.add_argument("--max_wait_ms", type=float, default=10.0, help="for the started server")
     parser.add_argument("--device", default="cpu", help="for the started server")
+    parser.add_argument("--compile", default=None, help="for the started server (as mit serve: default, reduce-overhead, ...)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed requests first")
     options = parser.parse_args(argv)
     server = None

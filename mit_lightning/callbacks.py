@@ -8,6 +8,7 @@ segmentation mask is saved exactly as the test scores it, and drawn over the ori
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from mit_lightning.data.images import load_rgb
@@ -76,6 +78,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.class_names = class_names
         self.overwrite = overwrite
+        self.not_finite: list[str] = []  # samples whose prediction was NaN or infinite
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
@@ -104,7 +107,22 @@ class PredictionWriter(BasePredictionWriter):
         rows = [self._row(prediction, position, split) for position in range(len(prediction["index"]))]
         with (self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl").open("a") as file:
             for row in rows:
-                file.write(json.dumps(row) + "\n")
+                file.write(json.dumps(self._finite(row)) + "\n")
+
+    def _finite(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row whose prediction is NaN or infinite says so (null and ``"error"``): JSON has no NaN, and a number
+        there would be taken for an answer. They are counted and reported at the end."""
+        values = [row.get("prediction"), *(row.get("probabilities") or [])]
+        if all(not isinstance(value, float) or math.isfinite(value) for value in values):
+            return row
+        self.not_finite.append(f"{row['split']} #{row['index']}")
+        return {**row, "prediction": None, "probabilities": None, "error": "the model's output is not finite"}
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self.not_finite:
+            rank_zero_warn(f"{len(self.not_finite)} predictions were not finite numbers (first: "
+                           f"{', '.join(self.not_finite[:3])}); their rows in {self.output_dir} hold null and an "
+                           "'error'.")
 
     def _row(self, prediction: dict[str, Any], position: int, split: str) -> dict[str, Any]:
         row: dict[str, Any] = {"split": split}
@@ -128,5 +146,5 @@ class PredictionWriter(BasePredictionWriter):
         mask_path.parent.mkdir(exist_ok=True)
         overlay_path.parent.mkdir(exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(load_rgb(row["image_path"]), mask).save(overlay_path)
+        overlay(load_rgb(row["image_path"], upright=False), mask).save(overlay_path)  # the mask's (dataset's) frame
         return {"mask": str(mask_path), "overlay": str(overlay_path)}

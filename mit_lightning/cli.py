@@ -49,6 +49,7 @@ from mit_lightning.resume import (
     check_resumed_data,
     checkpoint_folders,
     disable_save_last,
+    follow_moved_run,
     resolve_ckpt_path,
     run_version,
 )
@@ -82,6 +83,32 @@ class SaveRunConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_ENTRY] = run_config_entry(yaml.safe_load(self.parser.dump(self.config, skip_unset=False)))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """TensorBoard's hparams tab: the run's settings and size beside its final validation metrics (as final/*)."""
+        if trainer.logger is None or not trainer.is_global_zero:
+            return
+        metrics = {f"final/{name}": float(value) for name, value in trainer.callback_metrics.items()
+                   if name.startswith("val/") and value.numel() == 1}
+        trainable, total = pl_module.parameter_counts()
+        settings = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
+        hparams = {**run_settings(settings), "trainable_parameters": trainable, "total_parameters": total}
+        trainer.logger.log_hyperparams(hparams, metrics)
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config's settings as flat `model.fusion.init_args.layers`-style keys with plain values (lists as text)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif prefix.split(".")[0] in ("model", "data", "seed_everything") or prefix.startswith("trainer.max_"):
+            flat[prefix] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk("", config)
+    return flat
 
 
 class _KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -294,6 +321,7 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     stored = stored_run_config(load_weights_file(path), path, args)
     if stored is None:
         return args
+    follow_moved_run(stored, path)
     return [args[0], "--config", yaml.safe_dump(stored, sort_keys=False), *args[1:]]
 
 

@@ -70,6 +70,15 @@ class InputTooLarge(InputError):
     """An input over the size limits."""
 
 
+class NonFiniteOutput(InputError):
+    """The model's output for an input is NaN or infinite: the input lies far outside what it was trained on."""
+
+
+NON_FINITE_OUTPUT = ("The model's output for this input is not a finite number (NaN or infinite): its values lie far "
+                     "outside what the model was trained on (e.g. features of magnitude 1e30). Send values in the range "
+                     "of the training data.")
+
+
 @dataclass
 class Sample:
     """One input: the text (an expression, a caption, an utterance), the image, feature sequences (steps, features)."""
@@ -84,8 +93,13 @@ def read_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise InputError(f"An image array must be uint8 (H, W, 3) or (H, W); got {source.dtype} {source.shape}.")
+        if (source.dtype != np.uint8 or source.ndim not in (2, 3) or 0 in source.shape
+                or (source.ndim == 3 and source.shape[2] not in (3, 4))):
+            raise InputError(f"An image array must be uint8 (H, W, 3), (H, W, 4) or (H, W); got {source.dtype} "
+                             f"{source.shape}.")
+        if source.shape[0] * source.shape[1] > max_pixels:
+            raise InputTooLarge(f"The image array is {source.shape[1]}×{source.shape[0]} pixels, more than the "
+                                f"{max_pixels:,} accepted. Send a smaller image.")
         return Image.fromarray(source).convert("RGB")
     what = f"'{source}'" if isinstance(source, (str, os.PathLike)) else "the upload"
     try:
@@ -172,15 +186,20 @@ class Predictor:
     def _sequence(self, name: str, value: Any) -> np.ndarray:
         size = self.sequence_dims[name]
         try:
-            array = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
+            array = np.asarray(value)
+            if array.dtype.kind not in "iuf":  # text, booleans, objects: no number was sent
+                raise TypeError(array.dtype)
+            with np.errstate(over="ignore"):
+                array = array.astype(np.float32)
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"'{name}' is not an array of numbers; send a list of {size}-number rows.") from None
         if array.ndim != 2 or array.shape[1] != size or array.shape[0] < 1:
             raise InputError(f"'{name}' has shape {array.shape}; expected (steps, {size}) with at least one step.")
         if array.shape[0] > MAX_SEQUENCE_STEPS:
             raise InputTooLarge(f"'{name}' has {array.shape[0]:,} steps, more than the {MAX_SEQUENCE_STEPS:,} accepted.")
         if not np.isfinite(array).all():
-            raise InputError(f"'{name}' holds NaN or infinite values; replace them (the datasets use 0).")
+            raise InputError(f"'{name}' holds NaN or infinite values, or values beyond ±3.4e38 (float32); replace them "
+                             "(the datasets use 0 for missing values).")
         return array
 
     def prepare(self, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -212,27 +231,38 @@ class Predictor:
         with precision_context(self.precision, self.module.device):
             output = self.module(batch)
         results = RESULTS[self.task](self, output, samples)
-        return [{"prompt": prompt, **result} for prompt, result in zip(batch["prompt"], results)]
+        finite = torch.isfinite(output.float().reshape(len(samples), -1)).all(dim=1).tolist()
+        return [{"prompt": prompt, **result} if ok else NonFiniteOutput(NON_FINITE_OUTPUT)
+                for prompt, result, ok in zip(batch["prompt"], results, finite)]
 
     def predict(self, image: Any = None, text: str | None = None, **sequences: Any) -> dict[str, Any]:
         """One input. Segmentation: ``mask`` (bool numpy array at the image's size); classification:
         ``label``, ``label_index``, ``probabilities`` (class name → probability); sentiment: ``score``.
         Segmentation also gives ``confidence`` (the mean foreground probability over the mask) and ``probability``
         (the foreground probability per pixel, float32 at the image's size)."""
-        return self.run([self._sample(image, text, sequences)])[0]
+        return answer(self.run([self._sample(image, text, sequences)])[0])
 
     def predict_batch(self, inputs: Iterable[dict[str, Any]], batch_size: int = 8) -> list[dict[str, Any]]:
         """Many inputs, `batch_size` per forward pass; each a dict of `predict`'s arguments (``image``, ``text``,
-        feature sequences by name). Results in the same order, as `predict` gives them."""
+        feature sequences by name). Results in the same order, as `predict` gives them; an output that is not finite
+        raises, as in `predict`."""
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}.")
         samples = [self._sample(item.get("image"), item.get("text"),
                                 {key: value for key, value in item.items() if key not in ("image", "text")})
                    for item in inputs]
-        return [result for start in range(0, len(samples), batch_size) for result in self.run(samples[start:start + batch_size])]
+        return [answer(result) for start in range(0, len(samples), batch_size)
+                for result in self.run(samples[start:start + batch_size])]
 
     def _sample(self, image: Any, text: str | None, sequences: dict[str, Any]) -> Sample:
         return self.check(Sample(text=text, image=read_image(image) if image is not None else None, sequences=sequences))
+
+
+def answer(result: dict[str, Any] | InputError) -> dict[str, Any]:
+    """A sample's result from `Predictor.run`, or the error it stands for (an output that is not finite)."""
+    if isinstance(result, InputError):
+        raise result
+    return result
 
 
 def _segmentation(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:

@@ -38,8 +38,8 @@ class Stopped(SIGTERMException):
 class StopSignals:
     """Records SIGINT and SIGTERM while installed instead of ending the process at once.
 
-    Installed at the start of a fit, below Lightning's SIGTERM handler (which wraps it and tells every
-    process of a multi-process run). Later signals are reported, never acted on: a print from a handler
+    Installed at the start of a single-process fit, below Lightning's SIGTERM handler (which wraps it).
+    Several processes (DDP) keep Lightning's own handling, which stops every rank at the same step. Later signals are reported, never acted on: a print from a handler
     could interrupt another print, so the note is written straight to the file descriptor.
     """
 
@@ -63,7 +63,6 @@ class StopSignals:
                      "being written (SIGKILL stops at once, losing the steps since the previous one).\n".encode())
             return
         self.received = signal.Signals(signum)
-
 
 
 def run_child(command: list[str], **popen_args: Any) -> int:

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from mit_lightning.batch import Batch
 from mit_lightning.backbones.fingerprint import check_same_backbones, llm_fingerprint, vision_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.lora import adapter_parameter_names
@@ -280,8 +281,6 @@ class MiTModule(L.LightningModule):
         trainable, total = self.parameter_counts()
         percent = 100.0 * trainable / max(total, 1)
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({percent:.2f}%)")
-        if self.logger is not None:
-            self.logger.log_metrics({"params/trainable": trainable, "params/trainable_percent": percent}, step=0)
 
     def attach_to_llm(self) -> None:
         """Install this model's hooks in the frozen LLM (its fusion, its task token): models served on one
@@ -297,7 +296,7 @@ class MiTModule(L.LightningModule):
             self.task_token.detach()
 
     # --- forward --------------------------------------------------------------------------------
-    def encode_modalities(self, batch: dict[str, Any]) -> FusionInputs:
+    def encode_modalities(self, batch: Batch) -> FusionInputs:
         vectors: dict[str, torch.Tensor] = {}
         inputs = FusionInputs(vectors=vectors)
         if self.vision is not None:
@@ -310,7 +309,7 @@ class MiTModule(L.LightningModule):
         inputs.sequence_masks = {name: batch[f"{name}_mask"] for name in self.sequence_modalities}
         return inputs
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
         input_ids, attention_mask = self.llm.tokenize(batch["prompt"], self.device)
         if self.task_token is not None:
@@ -323,19 +322,19 @@ class MiTModule(L.LightningModule):
         return self.head(text.float(), inputs)
 
     # --- steps ----------------------------------------------------------------------------------
-    def _take_skipped(self, batch: dict[str, Any]) -> bool:
+    def _take_skipped(self, batch: Batch) -> bool:
         """Record samples the data module dropped (unreadable images); False if nothing is left."""
         self._skipped.extend(batch.get("skipped", []))
         return len(batch["prompt"]) > 0
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         if not self._take_skipped(batch):
             return None
         loss = self.head.loss(self(batch), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
-    def _evaluate(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+    def _evaluate(self, stage: str, batch: Batch, dataloader_idx: int) -> None:
         if not self._take_skipped(batch):
             return
         output = self(batch)
@@ -344,13 +343,13 @@ class MiTModule(L.LightningModule):
                  sync_dist=True)
         self.head.update_metrics(self.eval_metrics[self._metrics_key(stage, dataloader_idx)], output, batch)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("validate", batch, dataloader_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", batch, dataloader_idx)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         if not self._take_skipped(batch):
             return None
         passed = {key: batch[key] for key in PREDICTION_PASSTHROUGH if key in batch}

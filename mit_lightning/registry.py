@@ -36,7 +36,10 @@ CLASS_PATHS = (
     "mit_lightning.resume.LatestCheckpoint",
     "mit_lightning.callbacks.PredictionWriter",
     "mit_lightning.progress.LineProgress",
+    "mit_lightning.tensorboard.PredictionPreviews",
+    "mit_lightning.tensorboard.InfusionStatistics",
     "mit_lightning.compare.cost.TrainingCost",
+    "mit_lightning.release_evaluation.ReleaseEvaluation",
     # PyTorch optimizers and schedules (those that take plain settings; LambdaLR & co. take functions)
     "torch.optim.Adam",
     "torch.optim.AdamW",

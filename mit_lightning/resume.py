@@ -2,9 +2,10 @@
 
 - `LatestCheckpoint` keeps ``<run>/checkpoints/last.ckpt`` the latest state of training: rewritten at
   every training-epoch end (after validation), optionally every N optimizer steps, and when the
-  process receives SIGTERM (how clusters pre-empt). Each write goes to a temporary file renamed over
-  the old one, so a kill mid-write leaves the previous checkpoint intact. It also carries the RNG
-  states, so a resumed run draws the same random numbers as an uninterrupted one.
+  process receives SIGTERM (how clusters pre-empt) or SIGINT (Ctrl-C; see `interrupt.py`). Each write
+  goes to a temporary file renamed over the old one, so a kill mid-write leaves the previous checkpoint
+  intact. It also carries the RNG states, so a resumed run draws the same random numbers as an
+  uninterrupted one, and locks the run folder to the process training it.
 - `checkpoint_folders` / `latest_checkpoint` find the newest run of a config, so that
   ``mit fit --config X --ckpt_path last`` continues that run in its own folder (same TensorBoard
   curves) and ``mit test --config X --ckpt_path best`` finds its best checkpoint.
@@ -110,7 +111,8 @@ class LatestCheckpoint(Checkpoint):
                                 f"writes them ({type(error).__name__}: {error}); the file was altered.") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()
+        if trainer.world_size == 1:  # one rank stopping alone would leave the others waiting in a collective
+            self.stop.install()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -269,10 +271,24 @@ def checkpoint_folders(trainer_config: Any) -> list[Path]:
 
 
 def latest_checkpoint(trainer_config: Any) -> Path | None:
-    """The newest last.ckpt among a config's runs, or None before its first run."""
-    candidates = [folder / f"{LAST_NAME}{CHECKPOINT_SUFFIX}" for folder in checkpoint_folders(trainer_config)]
-    existing = [path for path in candidates if path.is_file()]
-    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+    """The newest checkpoint a config's runs can resume from, or None before their first one.
+
+    Usually a run's last.ckpt; a step checkpoint of the run's own ModelCheckpoint written after it (with its
+    loops and optimizer, so resumable) is newer work and counts as the latest. Half-written files never count.
+    """
+    files = [path for folder in checkpoint_folders(trainer_config) for path in folder.glob(f"*{CHECKPOINT_SUFFIX}")]
+    for path in sorted((path for path in files if path.is_file()), key=lambda path: path.stat().st_mtime, reverse=True):
+        if path.stem == LAST_NAME or _resumable(path):
+            return path
+    return None
+
+
+def _resumable(path: Path) -> bool:
+    try:
+        checkpoint = load_weights_file(path)
+    except UserError:
+        return False
+    return isinstance(checkpoint, dict) and "loops" in checkpoint and bool(checkpoint.get("optimizer_states"))
 
 
 def best_checkpoint(last: Path) -> Path | None:
@@ -329,6 +345,33 @@ def check_resumed_data(checkpoint: dict[str, Any], data_config: dict[str, Any], 
                         f"settings, or start a new run from its weights (--model.init_weights {source}).")
     rank_zero_warn(f"Resuming '{source}' with other data settings ({what}): it goes on from an epoch end, so no sample "
                    "is trained twice, but the rest of the run differs from the run it continues.")
+
+
+def follow_moved_run(stored: dict[str, Any], checkpoint: Path) -> None:
+    """A run folder moved or copied elsewhere: evaluating its checkpoint writes beside it as it is now, never to the
+    folder recorded in its config when it was trained (`stored`, the checkpoint's run config, is changed in place)."""
+    trainer = stored.get("trainer")
+    run = checkpoint.resolve().parent.parent  # <save_dir>/<name>/version_N/checkpoints/x.ckpt
+    if not isinstance(trainer, dict) or checkpoint.resolve().parent.name != "checkpoints":
+        return
+    logger = trainer.get("logger", True)
+    args = logger.get("init_args") if isinstance(logger, dict) else None
+    if logger is True or logger is None:
+        name = "lightning_logs"
+    elif isinstance(args, dict) and "save_dir" in args:
+        name = args.get("name") or ""
+    else:
+        return
+    save_dir = run.parent.parent if name else run.parent
+    if name and run.parent.name != name:
+        return  # not the logger's layout: the checkpoints were written somewhere of the user's choosing
+    if isinstance(args, dict):
+        if Path(str(args["save_dir"])).resolve() == save_dir:
+            return
+        args["save_dir"] = str(save_dir)
+    elif Path(str(trainer.get("default_root_dir") or ".")).resolve() == save_dir:
+        return
+    trainer["default_root_dir"] = str(save_dir)
 
 
 def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, trainer_config: Any) -> Path | str | None:

@@ -100,6 +100,21 @@ def test_floor_backward_reaches_only_the_layers_from_the_first_infused_one():
     assert entering[2].grad_fn is None and entering[3].grad_fn is not None  # the graph starts at layer 3
 
 
+def test_the_floor_starts_its_graph_without_breaking_a_compiled_layer():
+    from torch._dynamo.utils import counters
+
+    scale = scales.SCALES["tiny"]
+    module = scales.build_module(scale, partial(MiT, layers=scale.layers), 16, torch.device("cpu"))
+    batch = scales.synthetic_batch(module, scale, 2, 16, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in module.llm.layers:
+        layer.compile(backend="eager")  # dynamo's tracing without code generation
+    cases.floor_step(module, batch, 2)
+    assert dict(counters["graph_break"]) == {}
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in module.llm.layers)  # put back
+
+
 def test_an_out_of_memory_case_is_reported_not_fatal():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory")

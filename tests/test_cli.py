@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -152,6 +153,18 @@ def test_predict_writes_the_masks_the_test_scored_with_the_ids_to_join_them(trai
     error = fails_at_once(monkeypatch, capsys, "predict", "--ckpt_path", str(checkpoint), writer)
     assert "already holds predictions" in error  # never appended to
     assert len((output / "predictions.rank0.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_predict_on_a_moved_run_folder_writes_beside_the_checkpoint_as_it_is_now(trained, tmp_path):
+    runs, _, checkpoint, _ = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint.parents[3], moved)  # the logger's folder, with every run version in it
+    before = sorted(checkpoint.parents[3].rglob("*"))
+    copy = moved / checkpoint.relative_to(checkpoint.parents[3])
+    cli = cli_main(["predict", "--ckpt_path", str(copy), "--trainer.enable_progress_bar", "false"])
+    output = Path(cli.trainer.log_dir) / "predictions" / "predictions.rank0.jsonl"
+    assert output.is_file() and output.is_relative_to(moved)
+    assert sorted(checkpoint.parents[3].rglob("*")) == before  # nothing written at the place it was trained
 
 
 def test_validate_evaluates_a_checkpoint_on_the_validation_split(trained):

@@ -254,3 +254,33 @@ def test_runs_are_pinned_to_their_threads_and_a_busy_machine_is_named(tmp_path):
             Row("pill", {"test/oIoU": 0.4}, {"step_ms": 30.0, "load_per_core": 3.25})]
     text = compare.report(tmp_path, rows, ["oIoU"], ["## header"])
     assert "load reached 3.2 per CPU core while pill ran" in text and "while mit ran" not in text
+
+
+def test_a_stopped_comparison_is_continued_by_the_same_command(tmp_path, monkeypatch):
+    """Stopped (SIGTERM passed on to the second run, which saved): the rerun keeps the first run's results and
+    continues the second from its checkpoint, in the same folder; other arguments start a new comparison."""
+    started: list[list[str]] = []
+
+    def fake_run(command: list[str], **_: object) -> int:
+        started.append(command)
+        directory = Path(command[command.index("--trainer.default_root_dir") + 1])
+        if "late_addition" in str(directory) and len(started) == 2:
+            raise SystemExit(143)
+        (directory / "v0").mkdir(parents=True, exist_ok=True)
+        (directory / "v0" / "test_metrics.json").write_text('{"test/test/oIoU": 0.5}')
+        (directory / "v0" / "training_cost.json").write_text('{"step_ms": 1.0}')
+        return 0
+
+    monkeypatch.setattr(compare, "run_child", fake_run)
+    arguments = ["compare", "--strategies", "mit", "late_addition", "--epochs", "1", "--runs", str(tmp_path / "runs"),
+                 "--", *shrunk_demo(tmp_path)]
+    with pytest.raises(SystemExit):
+        cli_main(arguments)
+    cli_main(arguments)
+    assert [command[command.index("--trainer.default_root_dir") + 1].split("/")[-2] for command in started] == [
+        "mit", "late_addition", "late_addition"]  # mit's results reused
+    assert all(command[command.index("--ckpt_path") + 1] == "last" for command in started)
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["version_0"]
+    assert (tmp_path / "runs" / "version_0" / "comparison.md").is_file()
+    cli_main([*arguments[:4], "--epochs", "2", *arguments[6:]])
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["version_0", "version_1"]

@@ -95,6 +95,21 @@ def test_bucket_padding_keeps_a_full_bucket_as_it_is():
     assert pad_to_bucket(ids, mask, 0, "right")[0] is ids
 
 
+def test_a_compiled_task_token_model_reads_the_same_feature():
+    """Bucket padding comes after the task token is appended, so the token stays right after the real text."""
+    eager = _module(text_feature="task_token").eval()
+    compiled = _module(text_feature="task_token", compile="default").eval()
+    for part in compiled_parts(compiled):
+        part.compile(backend="eager")  # dynamo's tracing without code generation: the padding is what is checked
+    batch = _padded_batch(eager)
+    seen = []
+    compiled.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(args[0].shape[1]),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch), eager(batch), rtol=1e-5, atol=1e-5)
+    assert seen and all(length % TEXT_BUCKET == 0 for length in seen)
+
+
 @pytest.mark.slow
 def test_compiled_model_matches_eager():
     """Inference compiled with inductor (the default mode), and a training step traced through autograd with the

@@ -66,7 +66,7 @@ def test_an_export_can_be_shared_readable_files_no_local_path_and_a_model_card(d
     config = json.loads(config_text)
     assert config["exported_from"] == "runs/demo/version_0/checkpoints/best-epoch=0.ckpt"
     assert str(tmp_path) not in config_text  # the data root and every other local path stay home
-    assert config["data"]["class_path"] == "mit_lightning.data.synthetic.SyntheticRefCOCODataModule"
+    assert config["data"]["class_path"] == "mit_lightning.data.SyntheticRefCOCODataModule"
     card = (folder / EXPORT_CARD).read_text()
     assert card.startswith("# shared\n") and "**segmentation** adapter" in card and "71,751 parameters" in card
     assert "- LLM: `tiny` (fingerprint" in card and "`SyntheticRefCOCODataModule` (train_images 16" in card

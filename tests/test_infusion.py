@@ -262,3 +262,30 @@ def test_infused_keys_and_values_follow_the_equations_of_each_form(form, rescale
             "release": original + infused * gate,
         }[form]
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast_an_infused_layer_casts_only_for_its_cosine_and_keeps_the_result():
+    """The vector is cast once per call (not per layer), the cosine stays float32 (autocast does not cast its einsums
+    back to bf16) and the small scale/shift terms combine in bf16."""
+    from mit_lightning.bench.measure import count_operations
+
+    shape = LLMShape(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48)
+    layer = InfusionLayer(24, shape, kv=True, ffn=True, rescale=True, form="gated", init="default",
+                          head_scale_init=1.0)
+    generator = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(2, 2, 5, 8, generator=generator).bfloat16() for _ in range(2))
+    vector, mask = torch.randn(2, 24, generator=generator), torch.ones(2, 5)
+    exact = layer.infuse_kv(key.float(), value.float(), InfusionPayload(vector=vector, token_mask=mask))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        payload = InfusionPayload(vector=vector.bfloat16(), token_mask=mask)
+        counted = count_operations(lambda: layer.infuse_kv(key, value, payload), torch.device("cpu"))
+        mixed = layer.infuse_kv(key, value, payload)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in mixed)
+    # V and I_a to float32 for the cosine, the gate to bf16, autocast's casts of the two maps' weights and biases,
+    # and on a CPU the Python numbers of the scale/shift terms (17 before: the cosine's einsums were cast back)
+    assert counted["casts"] <= 11
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = head_cosine(value, value[:, :, :1], mask)
+    torch.testing.assert_close(under_autocast, head_cosine(value, value[:, :, :1], mask), rtol=0, atol=0)
+    for got, want in zip(mixed, exact):
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

@@ -141,10 +141,10 @@ def test_a_folder_named_like_the_results_is_not_read_as_results(tmp_path):
 
 
 def test_metrics_written_by_a_run_are_read_back_whole(tmp_path):
-    results = {"test/test/oIoU": 0.5, "test/test/count": 3, "test/test/diverged": float("nan")}
+    results = {"test/oIoU": 0.5, "test/count": 3, "test/diverged": float("nan")}
     (tmp_path / RESULTS_FILE).write_text(json.dumps(results))
     found = find_results(tmp_path)
-    assert found["test/test/oIoU"] == 0.5 and found["test/test/count"] == 3
+    assert found["test/oIoU"] == 0.5 and found["test/count"] == 3 and found["test/diverged"] != found["test/diverged"]
 
 
 def test_mit_reproduce_over_a_damaged_test_metrics_file_is_one_line(tmp_path, monkeypatch, capsys, no_training):
@@ -157,3 +157,22 @@ def test_mit_reproduce_over_a_damaged_test_metrics_file_is_one_line(tmp_path, mo
     path.write_text("{not json")
     error = fails_at_once(monkeypatch, capsys, "reproduce", "table2", "--runs", str(tmp_path / "runs"))
     assert str(path) in error and "not the JSON a run writes" in error
+
+
+@pytest.mark.parametrize("prediction, probabilities", [(float("nan"), None), (float("inf"), None),
+                                                       (1, [0.5, float("nan")])], ids=["nan", "inf", "probability"])
+def test_a_prediction_that_is_not_finite_is_written_as_null_with_an_error_and_counted(tmp_path, prediction,
+                                                                                       probabilities):
+    import torch
+
+    from mit_lightning.callbacks import PredictionWriter
+
+    writer = PredictionWriter(str(tmp_path))
+    batch = {"index": torch.tensor([0, 1]), "prediction": torch.tensor([prediction, 0.5][:2])}
+    if probabilities is not None:
+        batch = {"index": torch.tensor([0]), "prediction": torch.tensor([prediction]),
+                 "probability": torch.tensor([probabilities])}
+    rows = [writer._finite(writer._row(batch, position, "test")) for position in range(len(batch["index"]))]
+    text = "\n".join(json.dumps(row, allow_nan=False) for row in rows)  # valid JSON throughout
+    assert rows[0]["prediction"] is None and rows[0]["error"] and writer.not_finite == ["test #0"]
+    assert "NaN" not in text and "Infinity" not in text

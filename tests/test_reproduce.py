@@ -338,6 +338,30 @@ def test_main_runs_only_the_experiments_without_results(available_inputs: Path, 
     assert rows["T (ours)"][2] == "85.1" and rows["T+F (ours)"][2] == "42.5"
 
 
+def test_seeds_run_every_experiment_once_per_seed_and_rows_show_mean_and_sd(available_inputs: Path, monkeypatch,
+                                                                            capsys):
+    runs = available_inputs / "runs"
+    write_results(runs / "mosi_text" / "seed_3" / "v0", sentiment_results(1.0))  # reused
+    started: list[list[str]] = []
+
+    def fake_run(command: list[str]) -> int:
+        started.append(command)
+        seed = int(command[command.index("--seed_everything") + 1])
+        write_results(Path(command[command.index("--trainer.default_root_dir") + 1]) / "v0",
+                      sentiment_results(0.5 if seed == 3 else 0.7))
+        return 0
+
+    monkeypatch.setattr(reproduce, "run_child", fake_run)
+    reproduce.main(["table6", "--runs", str(runs), "--seeds", "2", "--seed", "3"])
+    assert len(started) == 2 * 5 - 1
+    directories = {Path(command[command.index("--trainer.default_root_dir") + 1]).relative_to(runs) for command in started}
+    assert Path("mosi_text/seed_4") in directories and Path("mosi_text/seed_3") not in directories
+    rows = rows_of(capsys.readouterr().out)
+    # Acc-2 (has0) 85.1 × 0.5 and × 0.7 in percent: mean 51.06, sd 0.2 · 85.1 / √2 = 12.04
+    assert rows["T+F (ours)"][2] == "51.1 ± 12.0"
+    assert rows["T (ours)"][2] == f"{(85.1 + 0.7 * 85.1) / 2:.1f} ± {0.3 * 85.1 / 2**0.5:.1f}"
+
+
 @pytest.mark.parametrize("name", ["table2", "table3"])
 def test_dry_run_checks_the_inputs_and_trains_nothing(name: str, available_inputs: Path, no_training, capsys):
     reproduce.main([name, "--dry-run", "--runs", str(available_inputs / "runs")])

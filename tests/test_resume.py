@@ -20,6 +20,8 @@ from mit_lightning.resume import (
     LatestCheckpoint,
     capture_rng_state,
     check_resumed_data,
+    follow_moved_run,
+    latest_checkpoint,
     lock_run_folder,
     restore_rng_state,
 )
@@ -161,28 +163,34 @@ def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step
     assert len(list(state["folder"].glob("events.out.tfevents.*"))) >= 2  # the same TensorBoard run, continued
 
 
+#: where the sweep stops one run, again and again: (signal, moment, step, times sent, exit status, step saved)
+STOPS = [
+    ("INT", "validation", 4, 1, 130, 4),  # Ctrl-C during the epoch-end validation: the epoch just trained counts
+    ("TERM", "save", 6, 2, 143, 6),  # twice, while a step checkpoint is being written
+    ("TERM", "train", 9, 1, 143, 9),  # mid-epoch
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, during, times, exit_code", [
-    ("INT", "validation", 1, 130),  # Ctrl-C in a terminal: the whole group, workers included, during validation
-    ("TERM", "save", 2, 143),  # twice, while the epoch's checkpoints are being written
-])
-def test_a_run_stopped_at_an_epoch_end_exits_at_once_and_resumes_exactly(uninterrupted, signal_name, during, times,
-                                                                       exit_code):
-    """The epoch just trained counts: validation and the epoch end are done again on resuming, never skipped."""
+def test_a_run_stopped_again_and_again_exits_at_once_each_time_and_ends_as_the_uninterrupted_one(uninterrupted):
+    """Each stop reaches the whole process group, DataLoader workers included, which must not keep it alive."""
     tmp_path, reference = uninterrupted
-    name = f"stopped_{signal_name}_{during}"
-    workers = ["--data.num_workers", "2"]  # persistent workers, which must not keep the process alive
-    start = time.monotonic()
-    killed = run(tmp_path, name, *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
-                 "4", "--trainer.callbacks.signal_name", signal_name, "--trainer.callbacks.during", during,
-                 "--trainer.callbacks.times", str(times), "--trainer.callbacks.whole_group", "true")
-    assert killed.returncode == exit_code, killed.stderr[-3000:]
-    assert f"Stopped by SIG{signal_name}" in killed.stderr and "epoch 0, step 4" in killed.stderr
-    assert "Traceback" not in killed.stderr
-    assert time.monotonic() - start < 120  # it exits (before, the DataLoader workers kept it alive for ever)
-    resumed = run(tmp_path, name, *workers, "--ckpt_path", "last")
+    workers = ["--data.num_workers", "2"]
+    resume: list[str] = []
+    for signal_name, during, step, times, exit_code, saved in STOPS:
+        start = time.monotonic()
+        stopped = run(tmp_path, "sweep", *workers, *resume, "--trainer.callbacks+=signal_helpers.SignalAtStep",
+                      "--trainer.callbacks.step", str(step), "--trainer.callbacks.signal_name", signal_name,
+                      "--trainer.callbacks.during", during, "--trainer.callbacks.times", str(times),
+                      "--trainer.callbacks.whole_group", "true")
+        assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+        assert f"Stopped by SIG{signal_name}" in stopped.stderr and f"step {saved})" in stopped.stderr
+        assert "Traceback" not in stopped.stderr
+        assert time.monotonic() - start < 150  # it exits (the training workers once kept it alive for ever)
+        resume = ["--ckpt_path", "last"]
+    resumed = run(tmp_path, "sweep", *workers, *resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_training_state(final_state(tmp_path, name), reference)
+    assert_same_training_state(final_state(tmp_path, "sweep"), reference)
 
 
 @pytest.mark.slow
@@ -224,7 +232,8 @@ def stopped_checkpoint(path: Path, batch_size: int, mid_epoch: bool) -> Path:
     data = {"class_path": "mit_lightning.data.synthetic.SyntheticRefCOCODataModule",
             "init_args": {"root": "elsewhere", "train_images": 16, "batch_size": batch_size, "num_workers": 2}}
     progress = {"current": {"processed": 2 if mid_epoch else 4}, "is_last_batch": not mid_epoch}
-    torch.save({"mit_config": {"data": data}, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}, path)
+    loops = {"fit_loop": {"epoch_loop.batch_progress": progress}, "validate_loop": {}, "test_loop": {}, "predict_loop": {}}
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}, "mit_config": {"data": data}, "loops": loops}, path)
     return path
 
 
@@ -256,3 +265,54 @@ def test_an_unwritable_run_folder_is_one_clear_message(monkeypatch, capsys, tmp_
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--trainer.default_root_dir",
                           str(blocker / "runs"), "--data.root", str(tmp_path / "data"))
     assert "Cannot write the run folder" in error
+
+
+def test_a_moved_run_folder_is_written_where_it_is_now(tmp_path):
+    def stored(save_dir: str) -> dict:
+        logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                  "init_args": {"save_dir": save_dir, "name": "tensorboard"}}
+        return {"trainer": {"default_root_dir": save_dir, "logger": logger}}
+
+    checkpoint = tmp_path / "moved" / "runs" / "tensorboard" / "version_0" / "checkpoints" / "best.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    config = stored("/old/place/runs")
+    follow_moved_run(config, checkpoint)
+    here = str(tmp_path / "moved" / "runs")
+    assert config == stored(here)
+    follow_moved_run(config, checkpoint)
+    assert config == stored(here)  # where it was trained: unchanged
+    unknown_layout = tmp_path / "elsewhere" / "best.ckpt"
+    config = stored("/old/place/runs")
+    follow_moved_run(config, unknown_layout)
+    assert config == stored("/old/place/runs")
+
+
+def test_a_newer_resumable_step_checkpoint_counts_as_last(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    trainer_config = {"default_root_dir": str(tmp_path), "logger": False}
+    resumable = {"loops": {}, "optimizer_states": [{"state": {}}], "state_dict": {}}
+    torch.save(resumable, folder / "last.ckpt")
+    torch.save({"state_dict": {}}, folder / "weights-only.ckpt")  # newer, but cannot be resumed
+    (folder / "last.ckpt.partial").write_bytes(b"half")
+    assert latest_checkpoint(trainer_config) == folder / "last.ckpt"
+    time.sleep(0.01)
+    torch.save(resumable, folder / "epoch=1-step=57.ckpt")
+    assert latest_checkpoint(trainer_config) == folder / "epoch=1-step=57.ckpt"
+
+
+def test_resuming_mid_epoch_on_a_dataset_of_another_size_is_refused():
+    from mit_lightning.data.sampling import ResumableLoader
+
+    def loader(length: int, position: int) -> ResumableLoader:
+        sampler = EpochShuffle(length, seed=0)
+        sampler.resume_at(position)
+        return ResumableLoader(list(range(length)), sampler=sampler, batch_size=4)
+
+    saved = {"seed": 0, "length": 49}
+    loader(49, 8).load_state_dict(saved)  # the same data: goes on
+    with pytest.raises(UserError, match="49.*51.*twice"):
+        loader(51, 8).load_state_dict(saved)
+    with pytest.warns(UserWarning, match="epoch end"):
+        loader(51, 0).load_state_dict(saved)

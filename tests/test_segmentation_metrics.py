@@ -50,6 +50,15 @@ def test_mean_iou_counts_an_empty_union_as_a_perfect_sample() -> None:
     assert computed(MeanIoU()).item() == pytest.approx((0.4 + 0.5 + 0.7 + 1.0) / 4)
 
 
+def test_the_release_mean_iou_counts_an_empty_union_as_zero() -> None:
+    from mit_lightning.metrics.segmentation import mask_statistics
+    from mit_lightning.release_evaluation import release_scores
+
+    assert computed(MeanIoU(empty_union=0.0)).item() == pytest.approx((0.4 + 0.5 + 0.7 + 0.0) / 4)
+    scores = release_scores(mask_statistics(PREDICTION, TARGET))
+    assert scores == pytest.approx({"oIoU": (2 + 2 + 7) / (5 + 4 + 10), "mIoU": (0.4 + 0.5 + 0.7 + 0.0) / 4})
+
+
 def test_precision_counts_an_iou_exactly_at_the_threshold() -> None:
     assert as_floats(computed(PrecisionAtIoU())) == pytest.approx({
         "prec@0.5": 3 / 4,  # 0.5 (exactly), 0.7, empty

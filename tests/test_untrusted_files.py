@@ -15,6 +15,7 @@ import torch
 
 from cli_helpers import DEMO, fails_at_once
 from mit_lightning.adapters import read_adapter, write_export
+from mit_lightning.backbones.vision import DEFAULT_WEIGHTS, VisionConfig
 from mit_lightning.checkpoints import check_lightning_entries, load_weights_file
 from mit_lightning.cli import with_checkpoint_config
 from mit_lightning.errors import UserError
@@ -266,3 +267,24 @@ def test_mit_test_and_resume_on_a_checkpoint_lightning_cannot_read_are_one_line(
     else:
         error = fails_at_once(monkeypatch, capsys, "test", "--ckpt_path", str(path), *common)
         assert str(path) in error and "is not a checkpoint as `mit fit` writes it" in error
+
+
+# === weights named but not read =====================================================================
+
+
+@pytest.mark.parametrize("weights", ["checkpoints/ViT-L-14-336.pt", "/models/clip.pt", "${MIT_CLIP_PATH}"])
+def test_explicit_clip_weights_with_the_tiny_random_tower_are_refused(weights):
+    with pytest.raises(UserError, match="reads no weights"):
+        VisionConfig(name="tiny", weights=weights)
+
+
+@pytest.mark.parametrize("weights", [None, DEFAULT_WEIGHTS], ids=["none", "default"])
+def test_the_tiny_tower_without_weights_of_its_own_is_built(weights, monkeypatch):
+    monkeypatch.setenv("MIT_CLIP_PATH", "/models/clip.pt")
+    assert VisionConfig(name="tiny", weights=weights).weights_path() is None
+
+
+def test_mit_fit_with_clip_weights_and_the_tiny_tower_is_one_line(tmp_path, monkeypatch, capsys):
+    error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--model.vision.weights", str(tmp_path / "c.pt"),
+                          "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.root", str(tmp_path / "data"))
+    assert "reads no weights" in error

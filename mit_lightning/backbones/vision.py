@@ -21,6 +21,10 @@ from mit_lightning.checkpoints import WEIGHT_FILE_ERRORS, is_broken_file, unread
 from mit_lightning.errors import UserError, expand_env
 
 
+#: where the paper's CLIP weights are looked for unless configured otherwise
+DEFAULT_WEIGHTS = "${MIT_CLIP_PATH:-checkpoints/ViT-L-14-336.pt}"
+
+
 @dataclass
 class VisionConfig:
     """Which CLIP vision tower to load.
@@ -36,11 +40,17 @@ class VisionConfig:
     """
 
     name: str = "ViT-L-14-336"
-    weights: str | None = "${MIT_CLIP_PATH:-checkpoints/ViT-L-14-336.pt}"
+    weights: str | None = DEFAULT_WEIGHTS
     dtype: DType = "bfloat16"
     quick_gelu: bool = True
     normalize: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.is_tiny and self.weights not in (None, DEFAULT_WEIGHTS):
+            raise UserError(f"model.vision.name 'tiny' builds a random test tower and reads no weights, but "
+                            f"model.vision.weights is '{self.weights}'. Set model.vision.name to the architecture of "
+                            "those weights (e.g. ViT-L-14-336), or model.vision.weights to null.")
 
     @property
     def is_tiny(self) -> bool:

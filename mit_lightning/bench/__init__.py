@@ -18,15 +18,20 @@ padding):
   (throughput).
 - data_loading: batches of `RefCOCODataModule`'s training DataLoader with worker processes, on a
   synthetic dataset in the refer layout written to a temporary folder (removed afterwards).
+- <case>@<mode> (`--compile`): floor, mit_train and mit_inference again with the model compiled in that
+  mode (`mit_lightning.compiling`), the floor on the same compiled layers.
 - ratios (last line): each strategy's training step over the floor, each peer's over MiT's (time)
-  and MiT's peak memory over each peer's, per batch size; and at 7b on a GPU the targets.
+  and MiT's peak memory over each peer's, per batch size, the compiled figures per mode; and at 7b on
+  a GPU the targets per compile mode (also printed on stderr as met / NOT met / not measured).
 
 Timing: `--warmup` untimed steps, then the median of `--steps` steps, each between two
 `torch.cuda.synchronize()` on a GPU; the floor's and MiT's training steps alternate, so a change in
 the machine's load affects both alike. On a CPU each case also reports its CPU time per step
 (`cpu_ms`) and the ratios are given from it too (`..._cpu`): on a shared machine, with `--threads 1`,
 those are the steady figures. Data loading reports the mean over its timed batches (workers deliver
-them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed`. Peak memory:
+them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed` (`--precision`).
+Each case also reports its casts and kernel launches, counted in one more call under torch.profiler
+(`measure.count_operations`). Peak memory:
 over a case's warm-up steps (see `measure.py`); data loading reports none (it happens in the worker
 processes).
 

@@ -60,20 +60,28 @@ def _autocast(device: torch.device, precision: Precision | None):
 
 
 # --- the steps ------------------------------------------------------------------------------------
+class _StartGraph(torch.nn.Module):
+    """Stands in for a decoder layer: the hidden state entering it becomes a leaf that requires grad, outside
+    the layer (inside a compiled layer, `requires_grad_` would break its graph)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(hidden_states.detach().requires_grad_(), *args, **kwargs)
+
+
 @contextmanager
 def graph_from_layer(module: MiTModule, layer: int) -> Iterator[None]:
     """Make the hidden state entering decoder layer `layer` (1-based) a leaf that requires grad."""
-
-    def start_graph(_layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
-
-    handle = module.llm.layers[layer - 1].register_forward_pre_hook(start_graph, with_kwargs=True, prepend=True)
+    layers = module.llm.layers
+    original = layers[layer - 1]
+    layers[layer - 1] = _StartGraph(original)
     try:
         yield
     finally:
-        handle.remove()
+        layers[layer - 1] = original
 
 
 def floor_step(module: MiTModule, batch: dict[str, Any], first_layer: int, precision: Precision | None = None) -> None:

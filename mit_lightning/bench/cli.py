@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Sequence, get_args
 import torch
 
 import mit_lightning.bench as package
+from mit_lightning.backbones.llm import DType
 from mit_lightning.bench.cases import STRATEGIES, Precision, default_precision, run_data_loading, run_module_cases
 from mit_lightning.bench.report import Report, ratios, target_lines
 from mit_lightning.bench.weights import weight_memory_lines
@@ -69,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=get_args(Precision), default=None,
                         help="bf16-mixed: steps under bf16 autocast, like precision: bf16-mixed; 32: in the weights' "
                              "dtypes. Default: bf16-mixed on a GPU, 32 on a CPU")
+    parser.add_argument("--dtype", choices=get_args(DType), default=None,
+                        help="dtype of the frozen backbones (default: the scale's; tiny and small float32, 7b "
+                             "bfloat16); e.g. --scale tiny --dtype bfloat16 --precision bf16-mixed counts a bf16 "
+                             "run's casts on a CPU")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
                         help="skip the data-loading case")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
@@ -91,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _print_lines(weight_memory_lines(), args.output)
         return
     scale = SCALES[args.scale]
+    if args.dtype is not None:
+        scale = dataclasses.replace(scale, dtype=args.dtype)
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.steps = args.steps or scale.steps
     args.warmup = scale.warmup if args.warmup is None else args.warmup

@@ -121,6 +121,26 @@ def new_folder(root: Path) -> Path:
             number += 1
 
 
+ARGUMENTS_FILE = "arguments.json"
+
+
+def comparison_folder(root: Path, arguments: list[str]) -> Path:
+    """The newest comparison with these same arguments that stopped before its table (Ctrl-C, SIGTERM): it is
+    continued; otherwise a new folder, which records its arguments."""
+    unfinished = [folder for folder in root.glob("version_*") if not (folder / "comparison.md").exists()]
+    for folder in sorted(unfinished, key=lambda folder: folder.stat().st_mtime, reverse=True):
+        try:
+            same = json.loads((folder / ARGUMENTS_FILE).read_text()) == arguments
+        except (OSError, ValueError):
+            continue
+        if same:
+            print(f"Continuing the comparison stopped in {folder}", flush=True)
+            return folder
+    folder = new_folder(root)
+    (folder / ARGUMENTS_FILE).write_text(json.dumps(arguments) + "\n")
+    return folder
+
+
 def same_optimizer(configs: Sequence[str], budget: list[str], extra: list[str]) -> list[str]:
     """Arguments giving every strategy the task config's optimizer and schedule, every argument spelled out
     (an overlay's own values, e.g. PILL's betas, would otherwise survive a change of class)."""
@@ -151,7 +171,8 @@ def command(strategy: Strategy, directory: Path, seed: int | None, start_checkpo
     if seed is not None:
         placement += ["--seed_everything", str(seed)]
     return [sys.executable, "-m", "mit_lightning", "fit", *fit_args(configs, strategy.overlay, budget, []),
-            "--test_after_fit", "true", *placement, f"--trainer.callbacks+={COST_CALLBACK}", *extra]
+            "--test_after_fit", "true", *placement, "--ckpt_path", "last", f"--trainer.callbacks+={COST_CALLBACK}",
+            *extra]
 
 
 def load_per_core() -> float | None:
@@ -174,12 +195,16 @@ def run(strategy: Strategy, directory: Path, seed: int | None, start_checkpoint:
     """`mit fit ... --test_after_fit true` in a process of its own, in `directory` (its CPU threads pinned to
     `threads`); its output goes to fit.log. The machine's load is read before and after: above one per core, the
     run's wall times include waiting for other processes, which is said on the console and in the table."""
-    directory.mkdir(parents=True)
     log = directory / "fit.log"
     name = strategy.name + (f" (seed {seed})" if seed is not None else "")
+    metrics, cost = find_results(directory), find_results(directory, COST_FILE)
+    if metrics is not None and cost is not None:  # trained before a comparison was stopped and continued
+        print(f"{name}: reusing the results in {directory}", flush=True)
+        return Row(strategy.name, metrics, cost, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
     print(f"{name}: training (output in {log}) ...", end=" ", flush=True)
     start, loads = time.perf_counter(), [load_per_core()]
-    with open(log, "w") as output:
+    with open(log, "a") as output:  # a run stopped earlier continues (--ckpt_path last), its log too
         code = run_child(command(strategy, directory, seed, start_checkpoint, configs, budget, extra), stdout=output,
                          stderr=subprocess.STDOUT, env=thread_environment(threads))
     loads.append(load_per_core())
@@ -249,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", action="append", default=None,
                         help=f"the run config every strategy shares (repeat to compose; default {DEFAULT_CONFIG})")
     parser.add_argument("--strategies", nargs="+", default=None,
-                        help=f"strategy names (overlays in --peers, by file stem); default: every one that can run")
+                        help="strategy names (overlays in --peers, by file stem); default: every one that can run")
     parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every strategy (default 3)")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="also stop every run after this many steps")
     parser.add_argument("--seed", type=int, default=None, help="the first seed (default: the config's)")
@@ -298,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     strategies = plan(args.strategies, args.peers, configs, budget, extra)
     seeds = seed_list(args.seed, args.seeds, strategies[0].config.seed_everything)
     threads = args.threads or (None if _has_cuda() else 1)
-    folder = new_folder(args.runs)
+    folder = comparison_folder(args.runs, [*own, "--", *extra])
     print(f"Comparing {', '.join(s.name for s in strategies)} in {folder}", flush=True)
     rows, directories = [], {}
     for seed in seeds:

@@ -1,6 +1,6 @@
 """What every MiT data module shares: the batch contract, the data spec and the dataloaders.
 
-The batch contract is `Batch` below, produced by `collate`. What happens with bad input is the
+The batch contract is `mit_lightning.batch.Batch`, produced by `collate` below. What happens with bad input is the
 same for every data module: see `mit_lightning.data.records`.
 """
 
@@ -10,13 +10,14 @@ import logging
 import os
 import signal
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence, TypedDict
+from typing import Any, Sequence
 
 import lightning as L
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mit_lightning.batch import Batch
 from mit_lightning.data.images import UnreadableImage
 from mit_lightning.data.sampling import EpochShuffle, ResumableLoader
 from mit_lightning.errors import UserError, existing_path
@@ -96,35 +97,6 @@ class DataSpec:
             class_names=record.get("class_names"),
             prompt=PromptFormat(**prompt) if prompt else None,
         )
-
-
-class Batch(TypedDict, total=False):
-    """What a dataloader yields and the model reads. Always present: ``prompt``, ``index``, ``skipped``.
-
-    Sequence modalities add two keys each, named after the modality: ``<name>`` float (B, T, D) and
-    ``<name>_mask`` bool (B, T), True = a real step (e.g. ``audio``/``audio_mask``).
-    """
-
-    #: the task prompt with the sample's text filled in (tokenised by the model: data stays LLM-independent)
-    prompt: list[str]
-    #: the sample's position in its split; metrics use it to count every evaluation sample once under DDP
-    index: torch.Tensor
-    #: paths of samples dropped because their image could not be decoded (usually empty); a batch whose
-    #: samples were all dropped holds only ``index`` (empty), ``prompt`` ([]) and ``skipped``
-    skipped: list[str]
-    #: uint8 (B, 3, S, S) at the vision tower's input size; normalised on the device
-    image: torch.Tensor
-    #: segmentation target: uint8 (B, H, W), or a list of (H_i, W_i) masks at the images' original sizes
-    mask: torch.Tensor | list[torch.Tensor]
-    #: classification: long (B,); sentiment: float (B,)
-    label: torch.Tensor
-    #: ids and texts that join a sample back to its dataset (present where the dataset has them)
-    ref_id: torch.Tensor
-    sent_id: torch.Tensor
-    id: list[str]
-    image_path: list[str]
-    sentence: list[str]
-    text: list[str]
 
 
 def collate(samples: Sequence[dict[str, Any] | UnreadableImage]) -> Batch:

@@ -10,12 +10,13 @@ that neither stops an epoch:
   `UnreadableImage` marker and the shared `collate` drops it, listing its path in
   ``batch["skipped"]`` so the LightningModule can count and report it.
 
-Batch keys (on top of the contract in `mit_lightning.data.base`): ``label`` long (B,), ``text``
+Batch keys (on top of the contract in `mit_lightning.batch`): ``label`` long (B,), ``text``
 and ``image_path`` list[str].
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from mit_lightning.data.base import DataSpec, MiTDataModule, PromptFormat
 from mit_lightning.data.images import UnreadableImage, read_rgb, to_square_tensor
 from mit_lightning.data.records import SetupReport
 from mit_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,18 @@ class ImageTextClassificationDataModule(MiTDataModule):
             report = SetupReport(f"{self.dataset_name} {split}")
             records[split] = drop_missing_images(self._read_records(split, report), report)
             report.log()
+            if split == self.train_split:
+                self._report_untrained_classes(records[split])
         return records
+
+    def _report_untrained_classes(self, records: list[ImageTextRecord]) -> None:
+        """A class without a training sample is never learnt: its accuracy will be 0 without a word otherwise."""
+        trained = {record.label for record in records}
+        untrained = [name for index, name in enumerate(self.class_names) if index not in trained]
+        if untrained:
+            log.warning("%s %s: %d of the %d classes have no training sample (first: %s); the model cannot learn "
+                        "them.", self.dataset_name, self.train_split, len(untrained), len(self.class_names),
+                        ", ".join(untrained[:3]))
 
     def _make_dataset(self, split: str, records: list[ImageTextRecord], *, training: bool) -> ImageTextDataset:
         return ImageTextDataset(records, self.prompt_format, self.image_size or self.model_image_size())

@@ -24,7 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from mit_lightning.data.classification import ImageTextClassificationDataModule, ImageTextRecord
-from mit_lightning.data.records import SetupReport, decoded_lines
+from mit_lightning.data.records import SetupReport, decoded_lines, plain_file_name
 from mit_lightning.errors import UserError, check_choice, expand_env
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,36 @@ def read_titles_csv(path: Path) -> list[tuple[str, str, str]]:
         if len(row) != 3:
             raise UserError(f"{path}, line {reader.line_num}: expected 3 columns (image_filename,title,class), "
                             f"got {len(row)}: {row!r}.")
-        rows.append((row[0], row[1], row[2]))
+        if not rows and is_header(row):
+            log.warning("%s: line %d is a header (%s), not a sample: skipped. The files of the distribution have "
+                        "none.", path, reader.line_num, ",".join(row))
+            continue
+        filename, title, class_name = row
+        if not plain_file_name(filename) or not plain_file_name(class_name):
+            raise UserError(f"{path}, line {reader.line_num}: the image file name and the class must be plain names "
+                            f"(not empty, no '/'), got {filename!r} and {class_name!r}.")
+        if not title.strip():
+            report.exclude(f"line {reader.line_num}", "rows with an empty title")
+            continue
+        rows.append((filename, title, class_name))
     report.log()
     return rows
+
+
+#: what the columns of a titles CSV get called when a header is written: never a sample's values
+HEADER_NAMES = ({"image_filename", "filename", "file_name", "image", "img", "image_id", "id", "path", "file"},
+                {"title", "text", "caption", "recipe", "name"},
+                {"class", "label", "category", "class_name", "classname", "target"})
+
+
+def is_header(row: list[str]) -> bool:
+    """A first row whose cells are column names (``image_filename,title,class``): a header, not a sample.
+
+    Image names carry an extension; a header's first column does not, and its class column is a column name.
+    """
+    cells = [cell.strip().lower().lstrip("#").strip() for cell in row]
+    named = sum(cell in names for cell, names in zip(cells, HEADER_NAMES))
+    return named >= 2 and "." not in cells[0]
 
 
 def stratified_sample(ids_by_class: dict[str, list[str]], count: int, seed: int) -> list[str]:

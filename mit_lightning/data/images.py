@@ -17,12 +17,14 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
-#: what PIL raises for missing, broken, truncated or unrecognised files
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+#: what PIL raises for missing, broken, truncated or unrecognised files, and for headers declaring a decompression bomb
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+#: the EXIF tag saying how a photo is to be turned for display
+EXIF_ORIENTATION = 0x0112
 
 
 class UnreadableImage(NamedTuple):
@@ -35,31 +37,36 @@ class ImageTooLarge(ValueError):
     """An image with more pixels than the caller accepts (found from the header, before decoding)."""
 
 
-def load_rgb(path: str | Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path | BinaryIO, max_pixels: int | None = None, *, upright: bool = True) -> Image.Image:
     """Open an image (a path or a binary file) as RGB; raises one of `DECODE_ERRORS` (missing/unreadable,
-    or `ImageTooLarge`) for the caller to handle."""
+    or `ImageTooLarge`) for the caller to handle.
+
+    `upright`: turned as its EXIF orientation says, as viewers and browsers show a photo (a phone's portrait
+    photo is stored sideways). False keeps the pixels as stored: the frame annotations such as COCO's refer to.
+    """
     with Image.open(path) as image:
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise ImageTooLarge(f"it is {image.width}×{image.height} pixels, more than the {max_pixels:,} accepted")
         image.load()
-        return image.convert("RGB")
+        return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
 
 
-def read_rgb(path: str | Path) -> Image.Image | UnreadableImage:
-    """The image as RGB, or an `UnreadableImage` marker for the dataset to return instead of its sample."""
+def read_rgb(path: str | Path, *, upright: bool = True) -> Image.Image | UnreadableImage:
+    """The image as RGB (`load_rgb`), or an `UnreadableImage` marker for the dataset to return instead of its sample."""
     try:
-        return load_rgb(path)
+        return load_rgb(path, upright=upright)
     except DECODE_ERRORS as error:
         log.debug("Cannot decode %s: %s", path, error)
         return UnreadableImage(str(path))
 
 
-def header_size(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) from the file's header alone (no pixel decoding); None if the header is unreadable."""
+def header_size(path: str | Path) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation) from the file's header alone (no pixel decoding; orientation 1 = as
+    stored); None if the header is unreadable."""
     try:
         with Image.open(path) as image:
-            return image.size
-    except DECODE_ERRORS:
+            return (*image.size, int(image.getexif().get(EXIF_ORIENTATION, 1) or 1))
+    except (*DECODE_ERRORS, TypeError):
         return None
 
 

@@ -181,7 +181,22 @@ class MMSADataModule(MiTDataModule):
                     "Set data.train_split / val_splits / test_splits to those names."
                 )
             self._arrays = {split: self._parse_split(split, data[split]) for split in self._configured_splits()}
+            self._report_repeated_ids()
         return self._arrays
+
+    def _report_repeated_ids(self) -> None:
+        """A clip listed twice counts twice in a metric; one in two splits is evaluated on what was trained on."""
+        first_split: dict[str, str] = {}
+        report = SetupReport(str(self.path))
+        for split, arrays in self._arrays.items():
+            seen: set[str] = set()
+            for id_ in arrays.ids:
+                if id_ in seen:
+                    report.note(f"id {id_}", f"clips listed more than once in split '{split}' (each copy counts)")
+                elif first_split.setdefault(id_, split) != split:
+                    report.note(f"id {id_}", "clips in more than one split (evaluated on what was trained on)")
+                seen.add(id_)
+        report.log()
 
     def _parse_split(self, split: str, raw: Any) -> _SplitArrays:
         where = f"'{self.path}' split '{split}'"
@@ -207,11 +222,11 @@ class MMSADataModule(MiTDataModule):
         texts = [as_text(value, f"id {id_}", report) for value, id_ in zip(raw_texts, ids)]
         for text, id_ in zip(texts, ids):
             if text is None:
-                report.exclude(f"id {id_}", "clips whose raw_text is not text (null, a number, ...)")
+                report.exclude(f"id {id_}", "clips whose raw_text is not text (null, empty, a number, ...)")
         report.log()
         if self.aligned and any(f"{MODALITY_KEYS[name]}_lengths" in raw for name in self.modalities):
             log.warning("%s has sequence lengths but data.aligned=true: every step is read as real.", where)
-        sequences = {name: self._parse_sequence(split, name, raw, count) for name in self.modalities}
+        sequences = {name: self._parse_sequence(split, name, raw, ids) for name in self.modalities}
         kept = [i for i, text in enumerate(texts) if text is not None]
         if len(kept) < count:  # rare: only then are the arrays copied
             labels = labels[kept]
@@ -219,12 +234,18 @@ class MMSADataModule(MiTDataModule):
         return _SplitArrays(texts=[texts[i] for i in kept], ids=[ids[i] for i in kept], labels=labels,
                             sequences=sequences)
 
-    def _parse_sequence(self, split: str, name: str, raw: dict, count: int) -> _Sequence:
-        key = MODALITY_KEYS[name]
+    def _parse_sequence(self, split: str, name: str, raw: dict, ids: list[str]) -> _Sequence:
+        """The feature sequences of one modality, non-finite values replaced by 0 and lengths clipped to [1, T];
+        what was replaced or clipped is counted in one warning, naming the first clips by id."""
+        key, count = MODALITY_KEYS[name], len(ids)
         where = f"'{self.path}' split '{split}'"
         features = _numeric(raw[key], where, key)
         if features.ndim != 3 or features.shape[0] != count:
             raise UserError(f"{where}: '{key}' has shape {features.shape}; expected ({count}, steps, features).")
+        if count and 0 in features.shape[1:]:
+            raise UserError(f"{where}: '{key}' has shape {features.shape}: clips without any step or features hold "
+                            f"nothing to encode. Re-export the file, or leave '{name}' out of data.modalities.")
+        stored_steps = features.shape[1]
         if self.max_sequence_length is not None:
             features = features[:, : self.max_sequence_length]
         steps = features.shape[1]
@@ -233,18 +254,21 @@ class MMSADataModule(MiTDataModule):
         else:
             length_key = f"{key}_lengths"
             lengths = _numeric(_vector(raw[length_key], where, length_key, count), where, length_key)
+            if not np.isfinite(lengths).all():
+                raise UserError(f"{where}: '{length_key}' holds NaN or infinite lengths. Re-export the file.")
             lengths = np.rint(lengths).astype(np.int64)
-        empty = int((lengths < 1).sum())
+        report = SetupReport(f"{self.dataset} {split} {name}")
+        for position in np.flatnonzero(lengths < 1):
+            report.repair(f"id {ids[position]}", "clips without frames, served as one zero step")
+        for position in np.flatnonzero(lengths > stored_steps):
+            report.repair(f"id {ids[position]}", f"clips longer than the {stored_steps} steps stored, read as "
+                                                 f"{stored_steps}")
         lengths = lengths.clip(1, steps)
         non_finite = ~np.isfinite(features)
-        bad = features[non_finite]  # small: counting on it avoids more full-size masks
-        counts = {"-inf": np.isneginf(bad).sum(), "+inf": np.isposinf(bad).sum(), "NaN": np.isnan(bad).sum()}
-        features[non_finite] = 0.0
-        log.info(
-            "%s %s %s %s: replaced %d non-finite values by 0 (%s); %d clips without frames keep one step.",
-            self.dataset, "aligned" if self.aligned else "unaligned", split, name, sum(counts.values()),
-            ", ".join(f"{number} {kind}" for kind, number in counts.items()), empty,
-        )
+        if non_finite.any():
+            _report_non_finite(features, non_finite, lengths, ids, report)
+            features[non_finite] = 0.0
+        report.log()
         return _Sequence(features=np.ascontiguousarray(features), lengths=lengths)
 
     def _read_splits(self, splits: list[str]) -> dict[str, _SplitArrays]:
@@ -264,6 +288,18 @@ class MMSADataModule(MiTDataModule):
                         f"'{self.path}': '{name}' features have {dims[name]} dims in one split and {size} in '{split}'."
                     )
         return DataSpec(sequence_dims=dims)
+
+
+def _report_non_finite(features: np.ndarray, non_finite: np.ndarray, lengths: np.ndarray, ids: list[str],
+                       report: SetupReport) -> None:
+    """Count what is replaced by 0, and name the clips left with no finite value in their real steps."""
+    bad = features[non_finite]  # small: counting on it avoids more full-size masks
+    counts = {"-inf": np.isneginf(bad).sum(), "+inf": np.isposinf(bad).sum(), "NaN": np.isnan(bad).sum()}
+    log.warning("%s: %d non-finite feature values replaced by 0 (%s).", report.where, bad.size,
+                ", ".join(f"{number} {kind}" for kind, number in counts.items() if number))
+    real = np.arange(features.shape[1])[None, :] < lengths[:, None]
+    for position in np.flatnonzero((non_finite.all(axis=2) | ~real).all(axis=1)):
+        report.repair(f"id {ids[position]}", "clips with no finite feature at all, served as zeros")
 
 
 def _check_labels(labels: np.ndarray, ids: list[str], where: str) -> None:

@@ -46,6 +46,10 @@ class SetupReport:
         """`record` is kept with its text repaired; `what` says how."""
         self._records.setdefault(("repaired", what), []).append(record)
 
+    def note(self, record: str, what: str) -> None:
+        """`record` is kept as it is, but the user should know `what` about it."""
+        self._records.setdefault(("kept", what), []).append(record)
+
     def log(self) -> None:
         for (verb, what), records in self._records.items():
             more = ", ..." if len(records) > RECORDS_SHOWN else ""
@@ -62,14 +66,14 @@ def decode_bytes(value: bytes) -> str:
 
 
 def as_text(value: Any, record: str, report: SetupReport) -> str | None:
-    """`value` as a plain str the tokenizer can take, or None when it is not text at all.
+    """`value` as a plain str the tokenizer can take, or None when it is no text at all (not a string, or empty).
 
     Bytes are decoded (`decode_bytes`); lone surrogates, which no encoding can write, become U+FFFD
     and the record is noted in `report`.
     """
     if isinstance(value, bytes):
         value = decode_bytes(value)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not value.strip():
         return None
     try:
         value.encode("utf-8")
@@ -77,6 +81,11 @@ def as_text(value: Any, record: str, report: SetupReport) -> str | None:
         report.repair(record, "texts with lone surrogates (not Unicode), each replaced by U+FFFD")
         value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return str(value)  # numpy's str_ becomes a plain str
+
+
+def plain_file_name(value: str) -> bool:
+    """A file name that stays in its folder: not empty, no path separator, not '.' or '..'."""
+    return bool(value) and value not in (".", "..") and "/" not in value and "\\" not in value and "\0" not in value
 
 
 def decoded_lines(path: Path, report: SetupReport) -> Iterator[str]:

@@ -297,7 +297,7 @@ def ref_sentences(ref: Ref, field: str, source: Path, report: SetupReport) -> tu
         seen.add(sentence["sent_id"])
         texts = {name: as_text(sentence.get(name), record, report) for name in SENTENCE_FIELDS}
         if texts[field] is None:
-            report.exclude(record, f"sentences without '{field}' text (null, missing or not a string)")
+            report.exclude(record, f"sentences without '{field}' text (null, empty, missing or not a string)")
             continue
         texts = {name: text if text is not None else texts[field] for name, text in texts.items()}
         kept.append(Sentence(int(sentence["sent_id"]), texts["sent"].lower(), texts["raw"]))
@@ -322,11 +322,17 @@ def check_images(objects: Sequence[ReferredObject], split: str, image_dir: Path)
             f"{len(missing)} of the {len(annotated)} images of split '{split}' are missing from '{image_dir}' "
             f"(e.g. {shown}). Complete the image download (see data/README.md) or point data.image_dir at them."
         )
-    disagreeing = []
+    disagreeing, turned = [], []
     for path, (height, width) in sorted(annotated.items()):
-        size = header_size(path)
-        if size is not None and size != (width, height):
-            disagreeing.append(f"'{path}' is {size[0]}×{size[1]}, instances.json says {width}×{height}")
+        header = header_size(path)
+        if header is not None and header[:2] != (width, height):
+            disagreeing.append(f"'{path}' is {header[0]}×{header[1]}, instances.json says {width}×{height}")
+        if header is not None and header[2] != 1:
+            turned.append(path)
+    if turned:
+        log.warning("%s: %d of the %d images carry an EXIF orientation (first: %s); they are read as stored, the "
+                    "frame instances.json annotates, not turned as a photo viewer shows them.", split, len(turned),
+                    len(annotated), ", ".join(turned[:3]))
     if disagreeing:
         raise UserError(
             f"{len(disagreeing)} of the {len(annotated)} images of split '{split}' do not have the width×height "
@@ -368,7 +374,7 @@ class ReferringSegmentationDataset(Dataset):
         if sentence_index is None:
             sentence_index = draw % len(obj.sentences)
         sentence = obj.sentences[sentence_index]
-        image = read_rgb(obj.image_path)
+        image = read_rgb(obj.image_path, upright=False)  # the frame its mask is annotated in
         if isinstance(image, UnreadableImage):
             return image
         mask = decode_mask(obj.mask)
@@ -522,6 +528,17 @@ class RefCOCODataModule(MiTDataModule):
             report.log()
             check_images(objects[split], split, self.files.image_dir)
         return objects
+
+    def one_sentence_per_ref(self, split: str) -> ReferringSegmentationDataset:
+        """The refs of `split` for evaluation (masks as evaluation has them), each sample's sentence chosen by the
+        draw it is indexed with, (index, draw): the authors' release evaluates so during training."""
+        if split not in self._records:
+            self._records.update(self._read_splits([split]))
+        return ReferringSegmentationDataset(
+            self._records[split], prompt=self.prompt_format, image_size=self.image_size or self.model_image_size(),
+            mask_size=None if self.eval_at_original_size else self.mask_size, random_sentence=True,
+            sentence_field=self.sentence_field,
+        )
 
     def _make_dataset(self, split: str, objects: list[ReferredObject], *, training: bool) -> Dataset:
         dataset = ReferringSegmentationDataset(

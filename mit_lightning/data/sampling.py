@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
+from mit_lightning.errors import UserError
+
 #: a per-sample draw is an int in [0, DRAW_RANGE); datasets reduce it modulo their choices
 DRAW_RANGE = 2**31 - 1
 
@@ -60,7 +62,8 @@ class EpochShuffle(Sampler):
 class ResumableLoader(DataLoader):
     """The training DataLoader: Lightning sees it is resumable (its order depends only on seed, epoch and position).
 
-    Its state is the order's seed: resuming with another seed would not continue the same epoch, and says so.
+    Its state is the order's seed and length: resuming mid-epoch with another seed or dataset size would not
+    continue the same epoch, and is refused (at an epoch end, a warning).
     """
 
     def state_dict(self) -> dict[str, int]:
@@ -72,5 +75,10 @@ class ResumableLoader(DataLoader):
             rank_zero_warn("Resuming in the middle of an epoch with several processes: the rest of the epoch is not "
                            "the exact continuation of the interrupted one (resume from an epoch-end checkpoint for that).")
         elif state and state != self.state_dict():
-            rank_zero_warn(f"Resuming with another seed or dataset size ({state} before, {self.state_dict()} now): "
-                           "the rest of this epoch is not the continuation of the interrupted one.")
+            change = f"another seed or dataset size ({state} before, {self.state_dict()} now)"
+            if self.sampler.start > 0:  # mid-epoch: the position no longer means the same samples
+                raise UserError(f"Resuming in the middle of an epoch with {change}: going on would train some samples "
+                                "twice and skip others. Resume with the same seed and data, or start a new run from "
+                                "the checkpoint's weights (--model.init_weights).")
+            rank_zero_warn(f"Resuming with {change}: the run goes on from an epoch end, but differs from the run it "
+                           "continues.")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mit_lightning.data.classification import ImageTextClassificationDataModule, ImageTextRecord
-from mit_lightning.data.records import SetupReport, as_text, decoded_lines
+from mit_lightning.data.records import SetupReport, as_text, decoded_lines, plain_file_name
 from mit_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,19 @@ def read_snli_ve(path: Path, image_dir: Path, report: SetupReport) -> tuple[list
         if missing:
             raise UserError(f"{where}: field '{missing[0]}' is missing; expected the SNLI-VE fields "
                             "gold_label, sentence2 and Flickr30K_ID.")
+        image_id = pair["Flickr30K_ID"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or not plain_file_name(str(image_id)):
+            raise UserError(f"{where}: Flickr30K_ID {image_id!r:.60} names no image file (expected the image's id, "
+                            "e.g. \"2248275918\").")
         if not isinstance(pair["gold_label"], str) or pair["gold_label"] not in class_ids:
             skipped += 1
             continue
         record = f"{path.name} line {line_number}"
         hypothesis = as_text(pair.get("sentence2"), record, report)
         if hypothesis is None:
-            report.exclude(record, "pairs without hypothesis text (sentence2 null, missing or not a string)")
+            report.exclude(record, "pairs without hypothesis text (sentence2 null, empty, missing or not a string)")
             continue
-        records.append(ImageTextRecord(str(image_dir / f"{pair['Flickr30K_ID']}.jpg"), hypothesis,
+        records.append(ImageTextRecord(str(image_dir / f"{image_id}.jpg"), hypothesis,
                                        class_ids[pair["gold_label"]]))
     return records, skipped
 

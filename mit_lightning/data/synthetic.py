@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mit_lightning.data.refer import COLLECTIONS, RefCOCODataModule, dataset_split_by, decode_mask, segmentation_to_rle
-from mit_lightning.errors import UserError, expand_env
+from mit_lightning.errors import UserError, expand_env, make_folder
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -239,16 +239,19 @@ def write_synthetic_refer(root: str | os.PathLike, *, dataset: str = "refcoco", 
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise _not_ours(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(root.parent, "The folder of the synthetic dataset", "Choose another data.root.")
     staging = root.parent / f".{root.name}-partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         _write_files(staging, settings)
         try:
             os.rename(staging, root)  # atomic; fails if another process filled `root` meanwhile
         except OSError:
             if not _holds(root, settings):
                 raise _not_ours(root) from None
+    except OSError as error:
+        raise UserError(f"Cannot write the synthetic dataset beside '{root}' ({error.strerror or error}). Choose "
+                        "another data.root.") from None
     finally:
         if staging.exists():  # only ever our own staging folder
             shutil.rmtree(staging)

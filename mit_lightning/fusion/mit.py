@@ -30,8 +30,9 @@ Choices where the paper cannot be taken literally (see docs in README):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -63,12 +64,20 @@ def head_cosine(value: torch.Tensor, add: torch.Tensor, token_mask: torch.Tensor
     (Σ_t m_t V_t) · I_a, so the (B, H, T, d) values are read twice (a masked sum and squared norms)
     rather than once per product term.
     """
-    value, add = value.float(), add.float().squeeze(2)
-    mask = token_mask.to(torch.float32)
-    dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
-    value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
-    repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
-    return dot / (value_norm * repeated_add_norm).clamp_min(eps)
+    with torch.autocast(value.device.type, enabled=False):  # float32 throughout: autocast would cast back for einsum
+        value, add = value.float(), add.float().squeeze(2)
+        mask = token_mask.to(torch.float32)
+        dot = (torch.einsum("bt,bhtd->bhd", mask, value) * add).sum(dim=-1)
+        value_norm = torch.einsum("bt,bht->bh", mask, value.square().sum(dim=-1)).sqrt()
+        repeated_add_norm = add.norm(dim=-1) * mask.sum(dim=-1, keepdim=True).sqrt()
+        return dot / (value_norm * repeated_add_norm).clamp_min(eps)
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """|new − old| / |old| per sample and head over the sample's real tokens: (B, H, T, d) → (B, H)."""
+    mask = token_mask[:, None, :, None].to(old.dtype)
+    change = ((new.float() - old.float()) * mask).square().sum(dim=(2, 3)).sqrt()
+    return change / ((old.float() * mask).square().sum(dim=(2, 3)).sqrt() + eps)
 
 
 class InfusionLayer(nn.Module):
@@ -97,6 +106,8 @@ class InfusionLayer(nn.Module):
         self.value_maps = nn.Linear(in_dim, 2 * kv_size) if kv else None
         self.head_scale = nn.Parameter(torch.full((shape.num_kv_heads,), float(head_scale_init))) if kv and rescale else None
         self.ffn_map = nn.Linear(in_dim, shape.intermediate_size) if ffn else None
+        #: set to a dict to record, per batch, the gate σ(L') and the relative size of each infusion (`observe`)
+        self.observed: dict[str, list[torch.Tensor]] | None = None
         if init == "identity":
             self._init_identity(kv_size)
 
@@ -151,12 +162,23 @@ class InfusionLayer(nn.Module):
         value_scale, value_shift = self._scale_shift(value_multiply, value_add, gate)
         new_key = torch.addcmul(key_shift, key, key_scale)
         new_value = torch.addcmul(value_shift, value, value_scale)
+        if self.observed is not None:
+            if gate is not None:
+                self._record("gate", gate[:, :, 0, 0])
+            self._record("key", relative_change(new_key, key, payload.token_mask))
+            self._record("value", relative_change(new_value, value, payload.token_mask))
         return new_key.to(key.dtype), new_value.to(value.dtype)
 
     def infuse_ffn(self, activation: torch.Tensor, payload: InfusionPayload) -> torch.Tensor:
         """Eq. 7 on the gated-MLP activation (B, T, d_ff)."""
         scale = self.ffn_map(payload.vector)
-        return (activation * scale[:, None, :]).to(activation.dtype)
+        infused = activation * scale[:, None, :]
+        if self.observed is not None:
+            self._record("ffn", relative_change(infused[:, None], activation[:, None], payload.token_mask))
+        return infused.to(activation.dtype)
+
+    def _record(self, name: str, values: torch.Tensor) -> None:
+        self.observed.setdefault(name, []).append(values.detach().float().cpu())
 
 
 class MiT(Fusion):
@@ -220,6 +242,21 @@ class MiT(Fusion):
         for tap in self._taps:
             tap.remove()
         self._taps = []
+
+    @contextmanager
+    def observe(self) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
+        """Within the block, every forward pass records per infused layer (by its 1-based number) the gate σ(L')
+        per sample and head ("gate", (B, H)) and the relative size of each infusion, |K^r − K| / |K| ("key"),
+        the same for V ("value", (B, H)) and for the FFN activation ("ffn", (B, 1)): what the method does, drawn
+        by `mit_lightning.insight`."""
+        observed = {number: {} for number in self.infusions}
+        for number, infusion in self.infusions.items():
+            infusion.observed = observed[number]
+        try:
+            yield observed
+        finally:
+            for infusion in self.infusions.values():
+                infusion.observed = None
 
     def forward(self, llm: FrozenLLM, input_ids, attention_mask, inputs: FusionInputs) -> torch.Tensor:
         vector = torch.cat([inputs.vectors[name] for name in self.modalities], dim=-1)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from mit_lightning.batch import Batch
 from mit_lightning.fusion.base import FusionInputs
 
 
@@ -28,17 +29,17 @@ class TaskHead(nn.Module):
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
     def make_metrics(self) -> MetricCollection:
         """A fresh metric collection for one evaluation split."""
         raise NotImplementedError
 
-    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: Batch) -> None:
         raise NotImplementedError
 
-    def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         """The head's outputs per sample for `mit predict` (CPU tensors, or lists of per-sample values).
 
         The sample's ids, text and known label are added by the module (`PREDICTION_PASSTHROUGH`).

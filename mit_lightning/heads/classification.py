@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
+from mit_lightning.batch import Batch
 from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
@@ -48,7 +49,7 @@ class ImageTextClassification(TaskHead):
         image = inputs.vectors["image"].to(text.dtype)
         return self.classifier(torch.cat([image, text], dim=-1))
 
-    def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(output.float(), batch["label"])
 
     def make_metrics(self) -> MetricCollection:
@@ -61,9 +62,9 @@ class ImageTextClassification(TaskHead):
             compute_groups=False,
         )
 
-    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: Batch) -> None:
         metrics.update(output.float(), batch["label"], batch["index"])
 
-    def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         probability = output.float().softmax(dim=-1)
         return {"probability": probability.cpu(), "prediction": probability.argmax(dim=-1).cpu()}

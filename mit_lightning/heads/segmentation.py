@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
+from mit_lightning.batch import Batch
 from mit_lightning.errors import UserError, check_choice
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
@@ -176,7 +177,7 @@ class ReferringSegmentation(TaskHead):
         logits = logits.float()
         return logits.softmax(dim=1)[:, 1] if logits.shape[1] == 2 else logits[:, 0].sigmoid()
 
-    def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         target = batch["mask"]
         if not isinstance(target, torch.Tensor):  # masks at their images' sizes: each sample's loss at its own size
             return torch.stack([self._loss(logits[None], mask[None]) for logits, mask in zip(output, target)]).mean()
@@ -217,10 +218,10 @@ class ReferringSegmentation(TaskHead):
             compute_groups=False,
         )
 
-    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: Batch) -> None:
         metrics.update(self.masks(output, batch["mask"]), batch["mask"], batch["index"])
 
-    def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         """The binary masks exactly as evaluation scores them (same size, same decision), and their IoU."""
         targets = batch["mask"]
         masks = self.masks(output, targets)

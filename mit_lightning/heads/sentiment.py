@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from mit_lightning.batch import Batch
 from mit_lightning.fusion.base import FusionInputs, ModelDims
 from mit_lightning.heads.base import TaskHead
 from mit_lightning.metrics.sentiment import SentimentMetrics
@@ -37,15 +38,15 @@ class SentimentRegression(TaskHead):
     def forward(self, text: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         return self.regressor(text).squeeze(-1)
 
-    def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Eq. 10; the epsilon keeps the gradient finite when a batch is predicted exactly."""
         return torch.sqrt(torch.mean((output.float() - batch["label"].float()) ** 2) + 1e-8)
 
     def make_metrics(self) -> MetricCollection:
         return MetricCollection({"sentiment": SentimentMetrics()}, compute_groups=False)
 
-    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics: MetricCollection, output: torch.Tensor, batch: Batch) -> None:
         metrics.update(output.float(), batch["label"].float(), batch["index"])
 
-    def predict(self, output: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         return {"prediction": output.float().cpu()}

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from mit_lightning.callbacks import contrasting_colour, overlay
 from mit_lightning.errors import UserError
-from mit_lightning.inference import InputError, InputTooLarge, Predictor, Sample, read_image
+from mit_lightning.inference import InputError, InputTooLarge, Predictor, Sample, answer, read_image
 from mit_lightning.serve.batching import DynamicBatcher
 
 STATIC = Path(__file__).parent / "static"
@@ -228,7 +228,7 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
             raise InputTooLarge(f"{len(expression)} expressions in one request; send at most {MAX_EXPRESSIONS}.")
         picture = await image_of(image)
         samples = [predictor.check(Sample(text=text, image=picture)) for text in expression]
-        results = await batcher.submit(name, samples)
+        results = [answer(result) for result in await batcher.submit(name, samples)]
         return {"adapter": name, "task": predictor.task,
                 **await run_in_threadpool(_segmentation_body, picture, expression, results, probability_map)}
 
@@ -236,7 +236,7 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
     async def classify(name: str, image: UploadFile = File(...), text: str = Form(...)) -> dict[str, Any]:
         predictor = adapter(name, "classification")
         sample = predictor.check(Sample(text=text, image=await image_of(image)))
-        result = (await batcher.submit(name, [sample]))[0]
+        result = answer((await batcher.submit(name, [sample]))[0])
         ranked = sorted(result["probabilities"].items(), key=lambda item: -item[1])
         return {"adapter": name, "task": predictor.task, "prompt": result["prompt"], "label": result["label"],
                 "label_index": result["label_index"],
@@ -246,7 +246,7 @@ def create_app(predictors: dict[str, Predictor], max_batch_size: int = 8, max_wa
     async def sentiment(name: str, request: SentimentRequest) -> dict[str, Any]:
         predictor = adapter(name, "sentiment")
         sample = await run_in_threadpool(predictor.check, Sample(text=request.text, sequences=request.sequences))
-        result = (await batcher.submit(name, [sample]))[0]
+        result = answer((await batcher.submit(name, [sample]))[0])
         return {"adapter": name, "task": predictor.task, "prompt": result["prompt"], "score": result["score"]}
 
     return app
