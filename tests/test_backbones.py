@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import open_clip
 import pytest
 import torch
 
+from mit_lightning.backbones import gguf
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, last_token
+from mit_lightning.backbones.quantization import check_quantization
 from mit_lightning.backbones.presets import TINY_CLIP, tiny_tokenizer
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig
 from mit_lightning.errors import UserError
@@ -217,3 +220,26 @@ def test_broken_llm_weights_are_one_line_naming_the_file(llama_folder, tmp_path,
     with pytest.raises(UserError) as error:
         FrozenLLM(LLMConfig(path=str(copy), dtype="float32"))
     assert str(copy / "pytorch_model.bin") in str(error.value) and expected in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"hello, not a model", b"GGUF\x03\x00\x00\x00\x10"])
+def test_a_foreign_or_truncated_gguf_file_is_one_line_naming_it(tmp_path, content):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"Cannot read .* from the GGUF file '.*model\.gguf'.*truncated") as error:
+        LLMConfig(path=str(path)).hf_config()
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_gguf_file_or_package_is_named_before_anything_loads(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="expected a GGUF file at"):
+        LLMConfig(path=str(tmp_path / "absent.gguf")).hf_config()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "importlib", SimpleNamespace(util=SimpleNamespace(find_spec=lambda name: None)))
+    with pytest.raises(UserError, match="needs the gguf package"):
+        FrozenLLM(LLMConfig(path=str(tmp_path / "model.gguf")))
+
+
+def test_a_quantization_the_device_cannot_run_is_refused_before_loading():
+    with pytest.raises(UserError, match="cannot run on mps"):
+        check_quantization("nf4", torch.device("mps"))

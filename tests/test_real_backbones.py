@@ -93,7 +93,8 @@ def test_on_a_quantised_base_mit_starts_as_its_identity_and_a_short_fit_lowers_t
     frozen = last_token(llm(mask, input_ids=ids), mask)
     torch.manual_seed(0)
     module.build(DataSpec(), llm=llm)
-    torch.testing.assert_close(module.fusion(llm, ids, mask, vectors()), frozen, rtol=0, atol=1e-5)
+    image_vectors = vectors(size=module.dims(DataSpec()).vectors["image"])
+    torch.testing.assert_close(module.fusion(llm, ids, mask, image_vectors), frozen, rtol=0, atol=1e-5)
 
     batch = synthetic_batch(module, SCALES["tiny"], 2, 8, torch.device("cpu"))
     optimizer = torch.optim.Adam(module.trainable_parameters(), lr=3e-3)
