@@ -157,7 +157,7 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
         raise UserError(f"'{folder}' is not an export of `mit export`: it lacks {' and '.join(missing)}.")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserError(f"'{config_path}' is not valid JSON ({error}). Export the checkpoint again.") from None
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
         raise UserError(f"'{config_path}' is not a mit-lightning adapter config (format '{EXPORT_FORMAT}').")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from safetensors import SafetensorError
 
+from mit_lightning.backbones.fingerprint import check_same_backbones
 from mit_lightning.config_safety import STORED_KEYS, check_stored_config
 from mit_lightning.errors import UserError
 
@@ -169,6 +170,14 @@ def recorded_backbones(checkpoint: dict[str, Any], source: str | Path) -> dict[s
         raise UserError(f"'{source}' records its backbones ({BACKBONES_ENTRY}) in a form mit-lightning never writes; "
                         "the file was altered. Use the checkpoint as `mit fit` wrote it.")
     return entry
+
+
+def check_recorded_backbones(checkpoint: dict[str, Any], current: dict[str, Any], source: str,
+                             allow_other: bool = False) -> None:
+    """The checkpoint was trained on the backbones loaded now, when it records them (unless `allow_other`)."""
+    recorded = recorded_backbones(checkpoint, source)
+    if recorded is not None and not allow_other:
+        check_same_backbones(recorded, current, source)
 
 
 def recorded_data_spec(record: Any, source: str | Path) -> "DataSpec":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from mit_lightning.errors import UserError
 from mit_lightning.metrics.names import current_names
@@ -14,21 +14,25 @@ RESULTS_FILE = "test_metrics.json"
 
 
 def find_results(directory: Path, name: str = RESULTS_FILE) -> dict[str, float] | None:
-    """The newest `name` written under a run directory, if any: a JSON mapping (of metric names to numbers);
-    test metrics by their current names, so results written before a rename are still reused.
+    """The newest `name` written under a run directory, if any (`read_results`)."""
+    candidates = sorted((path for path in directory.rglob(name) if path.is_file()), key=lambda path: path.stat().st_mtime)
+    return read_results(candidates[-1]) if candidates else None
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A JSON mapping a run wrote: for test metrics, metric names to numbers, by their current names (results
+    written before a rename are still reused).
 
     A file in another form (not JSON, cut short, other values) is one line naming it: reused as it was, it
     would fill a table with whatever it holds, or end in a traceback.
     """
-    candidates = sorted((path for path in directory.rglob(name) if path.is_file()), key=lambda path: path.stat().st_mtime)
-    if not candidates:
-        return None
-    path = candidates[-1]
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"'{path}' is not the JSON a run writes ({error}). Delete it to run that experiment again.") from None
-    metrics = name == RESULTS_FILE  # test metrics are numbers; other records (training cost) hold notes too
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "it nests too deeply" if isinstance(error, RecursionError) else error
+        raise UserError(f"'{path}' is not the JSON a run writes ({reason}). Delete it to run that experiment "
+                        "again.") from None
+    metrics = path.name == RESULTS_FILE  # test metrics are numbers; other records (training cost) hold notes too
     expected = isinstance(results, dict) and all(
         isinstance(key, str) and (not metrics or isinstance(value, (int, float)) and not isinstance(value, bool))
         for key, value in results.items())

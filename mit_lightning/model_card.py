@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mit_lightning.experiments import RESULTS_FILE
-from mit_lightning.metrics.names import current_names
+from mit_lightning.experiments import RESULTS_FILE, read_results
 
 
 def run_metrics(checkpoint: Path) -> dict[str, float] | None:
@@ -19,7 +18,7 @@ def run_metrics(checkpoint: Path) -> dict[str, float] | None:
     for folder in (checkpoint.parent.parent, checkpoint.parent):
         path = folder / RESULTS_FILE
         if checkpoint.is_file() and path.is_file():
-            return current_names(json.loads(path.read_text(encoding="utf-8")))
+            return read_results(path)
     return None
 
 

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mit_lightning.batch import Batch
-from mit_lightning.backbones.fingerprint import check_same_backbones, llm_fingerprint, vision_fingerprint
+from mit_lightning.backbones.fingerprint import llm_fingerprint, vision_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.lora import adapter_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
@@ -29,9 +29,9 @@ from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
 from mit_lightning.checkpoints import (
     BACKBONES_ENTRY,
     DATA_SPEC_ENTRY,
+    check_recorded_backbones,
     check_trainable_fit,
     load_weights_file,
-    recorded_backbones,
 )
 from mit_lightning.compiling import Compile, compile_model, pad_to_bucket
 from mit_lightning.data.base import DataSpec
@@ -39,7 +39,7 @@ from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
 from mit_lightning.heads.base import TaskHead
-from mit_lightning.metrics.names import metric_name
+from mit_lightning.metrics.evaluation import EvaluationMetrics, SkippedSamples
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ class SequenceEncoderConfig:
 
 #: where the text feature is read: the prompt's last token (the paper) or a trained task token
 TextFeature = Literal["last_token", "task_token"]
-STAGE_PREFIX = {"validate": "val", "test": "test"}
 #: batch keys every prediction row carries, to join it back to its dataset: ids, the text the model read, the
 #: true label where the data has one (segmentation's ground truth is the mask, summarised by the row's IoU)
 PREDICTION_PASSTHROUGH = ("index", "ref_id", "sent_id", "id", "image_path", "sentence", "text", "prompt", "label")
@@ -175,9 +174,8 @@ class MiTModule(L.LightningModule):
         self.fusion: Fusion | None = None
         self.task_token: TaskToken | None = None
         self.head: TaskHead | None = None
-        self.eval_metrics = nn.ModuleDict()
-        self._eval_splits: dict[str, list[str]] = {}
-        self._skipped: list[str] = []
+        self.eval_metrics = EvaluationMetrics()
+        self._skipped = SkippedSamples()
 
     # --- building -------------------------------------------------------------------------------
     @property
@@ -245,14 +243,7 @@ class MiTModule(L.LightningModule):
         if self.text_feature == "task_token":
             self.task_token = TaskToken(self.llm.model.get_input_embeddings())
         self.head = self.head_factory(dims)
-        self._eval_splits = spec.eval_splits
-        self.eval_metrics = nn.ModuleDict(
-            {
-                self._metrics_key(stage, index): self.head.make_metrics()
-                for stage in STAGE_PREFIX
-                for index, _ in enumerate(spec.eval_splits.get(stage, []) or [None])
-            }
-        )
+        self.eval_metrics = EvaluationMetrics(self.head.make_metrics, spec.eval_splits)
         compile_model(self, self.compile_mode)
 
     @property
@@ -322,26 +313,21 @@ class MiTModule(L.LightningModule):
         return self.head(text.float(), inputs)
 
     # --- steps ----------------------------------------------------------------------------------
-    def _take_skipped(self, batch: Batch) -> bool:
-        """Record samples the data module dropped (unreadable images); False if nothing is left."""
-        self._skipped.extend(batch.get("skipped", []))
-        return len(batch["prompt"]) > 0
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        if not self._take_skipped(batch):
+        if not self._skipped.take(batch):
             return None
         loss = self.head.loss(self(batch), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
     def _evaluate(self, stage: str, batch: Batch, dataloader_idx: int) -> None:
-        if not self._take_skipped(batch):
+        if not self._skipped.take(batch):
             return
         output = self(batch)
-        name = self._metric_name(stage, dataloader_idx, "loss")
+        name = self.eval_metrics.name(stage, dataloader_idx, "loss")
         self.log(name, self.head.loss(output, batch), batch_size=len(batch["prompt"]), add_dataloader_idx=False,
                  sync_dist=True)
-        self.head.update_metrics(self.eval_metrics[self._metrics_key(stage, dataloader_idx)], output, batch)
+        self.head.update_metrics(self.eval_metrics.collection(stage, dataloader_idx), output, batch)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("validate", batch, dataloader_idx)
@@ -350,37 +336,18 @@ class MiTModule(L.LightningModule):
         self._evaluate("test", batch, dataloader_idx)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
-        if not self._take_skipped(batch):
+        if not self._skipped.take(batch):
             return None
         passed = {key: batch[key] for key in PREDICTION_PASSTHROUGH if key in batch}
         return {**passed, **self.head.predict(self(batch), batch)}
 
     # --- epoch ends -----------------------------------------------------------------------------
-    @staticmethod
-    def _metrics_key(stage: str, index: int) -> str:
-        return f"{stage}_{index}"
-
-    def _metric_name(self, stage: str, index: int, metric: str) -> str:
-        """val/<metric> for the first validation split, `metrics.names.metric_name` otherwise (test/<metric> for the
-        "test" split, test/<split>/<metric> for others)."""
-        splits = self._eval_splits.get(stage) or [None]
-        split = splits[index] if index < len(splits) else str(index)
-        if stage == "validate" and index == 0:
-            split = None
-        return metric_name(STAGE_PREFIX[stage], split, metric)
-
     def _log_eval_metrics(self, stage: str) -> None:
-        for index in range(len(self._eval_splits.get(stage) or [None])):
-            metrics = self.eval_metrics[self._metrics_key(stage, index)]
-            if not metrics[next(iter(metrics.keys()))].update_called:
-                continue
-            for name, value in _flatten(metrics.compute()).items():
-                full_name = self._metric_name(stage, index, name)
-                if value.numel() == 1:
-                    self.log(full_name, value.float(), add_dataloader_idx=False)
-                elif stage == "test":
-                    self._log_matrix(full_name, value)
-            metrics.reset()
+        for name, value in self.eval_metrics.results(stage):
+            if value.numel() == 1:
+                self.log(name, value.float(), add_dataloader_idx=False)
+            elif stage == "test":
+                self._log_matrix(name, value)
         self._report_skipped(stage)
 
     def _log_matrix(self, name: str, matrix: torch.Tensor) -> None:
@@ -391,13 +358,9 @@ class MiTModule(L.LightningModule):
             experiment.add_image(name, confusion_matrix_image(matrix.cpu()), global_step=self.global_step)
 
     def _report_skipped(self, stage: str) -> None:
-        if self._skipped:
-            shown = ", ".join(self._skipped[:5])
-            rank_zero_warn(
-                f"{len(self._skipped)} {stage} samples were skipped because their image could not be read "
-                f"(first: {shown}). Re-extract or remove those files."
-            )
-            self._skipped = []
+        message = self._skipped.report(stage)
+        if message is not None:
+            rank_zero_warn(message)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("validate")
@@ -444,10 +407,10 @@ class MiTModule(L.LightningModule):
         FSDP loads the weights itself before this hook and takes them out of `checkpoint`: then there
         is nothing left to check here (torch still refuses weights of another shape).
         """
-        self._check_backbones(checkpoint, "The checkpoint")
+        check_recorded_backbones(checkpoint, self.backbones, "The checkpoint", self.allow_other_backbones)
         if "state_dict" not in checkpoint:
             return
-        self._check_fits(checkpoint["state_dict"], "The checkpoint")
+        check_trainable_fit(checkpoint["state_dict"], self.trainable_state(), "The checkpoint")
 
     def load_trainable_weights(self, path: str) -> None:
         """Start from the trainable weights of a `mit fit` checkpoint (`init_weights`); nothing else is restored."""
@@ -456,32 +419,12 @@ class MiTModule(L.LightningModule):
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise UserError(f"model.init_weights '{path}' holds no state_dict: give a .ckpt file written by `mit fit`.")
         saved = checkpoint["state_dict"]
-        self._check_backbones(checkpoint, f"model.init_weights '{path}'")
+        check_recorded_backbones(checkpoint, self.backbones, f"model.init_weights '{path}'", self.allow_other_backbones)
         self.load_trainable_state(saved, f"model.init_weights '{path}'")
         rank_zero_info(f"Trainable weights initialised from {path} ({len(saved)} tensors); optimizer and epoch start afresh.")
 
     def load_trainable_state(self, saved: dict[str, torch.Tensor], source: str) -> None:
         """Load trainable weights that must be exactly this model's (key for key, shape for shape; `source` names
         them in the error); the frozen backbones are not in them."""
-        self._check_fits(saved, source)
-        self.load_state_dict(saved, strict=False)
-
-    def _check_backbones(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Trained on the backbones loaded now (unless allow_other_backbones)."""
-        recorded = recorded_backbones(checkpoint, source)
-        if recorded is not None and not self.allow_other_backbones:
-            check_same_backbones(recorded, self.backbones, source)
-
-    def _check_fits(self, saved: dict[str, torch.Tensor], source: str) -> None:
-        """The saved trainable weights must be exactly this model's, key for key and shape for shape."""
         check_trainable_fit(saved, self.trainable_state(), source)
-
-
-def _flatten(results: dict[str, Any]) -> dict[str, torch.Tensor]:
-    flat: dict[str, torch.Tensor] = {}
-    for name, value in results.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value))
-        else:
-            flat[name] = value
-    return flat
+        self.load_state_dict(saved, strict=False)

@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import tempfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
 from mit_lightning import bench, scales
 from mit_lightning.bench import cases, measure, report
+from mit_lightning.bench.strategies import read_strategies
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig
 from mit_lightning.cli import cli_main
 from mit_lightning.errors import UserError
-from mit_lightning.fusion import LateAddition, MiT
+from mit_lightning.fusion import MiT
 from mit_lightning.module import MiTModule
 
-#: every strategy of the table, and late addition added by the tiny run (a strategy is one entry)
-MEASURED = [*cases.STRATEGIES, "late_addition"]
+PEER_FOLDER = Path(__file__).resolve().parents[1] / "configs" / "peers"
+#: every strategy overlay (configs/peers) and the bench's variant of one
+MEASURED = list(read_strategies(PEER_FOLDER))
 PEERS = [name for name in MEASURED if name != "mit"]
 PER_BATCH_CASES = ("floor", *(f"{name}_train" for name in MEASURED), "data_loading")
 TIME_RATIOS = {f"{name}_over_floor" for name in MEASURED} | {f"{peer}_over_mit" for peer in PEERS}
@@ -36,10 +39,8 @@ def tiny_run(tmp_path_factory):
     tempfile.tempdir = str(tmp_path / "tmp")
     torch.set_num_threads(1)  # tiny models gain nothing from more, and a busy CPU makes threads wait on each other
     try:
-        with pytest.MonkeyPatch.context() as patch:  # a strategy is one entry of the table
-            patch.setitem(cases.STRATEGIES, "late_addition", lambda scale: LateAddition)
-            cli_main(["bench", "--scale", "tiny", "--device", "cpu", "--batch-sizes", "4", "2", "--text-length", "16",
-                      "--warmup", "1", "--steps", "2", "--workers", "1", "--output", str(output)])
+        cli_main(["bench", "--scale", "tiny", "--device", "cpu", "--batch-sizes", "4", "2", "--text-length", "16",
+                  "--warmup", "1", "--steps", "2", "--workers", "1", "--output", str(output), "--peers", str(PEER_FOLDER)])
     finally:
         tempfile.tempdir = original
         torch.set_num_threads(threads)
@@ -230,3 +231,33 @@ def test_weight_memory_at_llama_2_scale_needs_no_memory(capsys, tmp_path):
     gib = {(line["llm"], line["quantization"]): line["gib"] for line in lines}
     assert 12 < gib["llama-2-7b", "none"] < 13  # 6.6 G parameters in bf16, no LM head
     assert 36 < gib["llama-2-70b", "nf4"] < 37 < 64 < gib["llama-2-70b", "int8"] < gib["llama-2-70b", "none"]
+
+
+def test_each_strategy_is_built_with_its_overlays_settings_at_the_bench_scale():
+    import yaml
+
+    strategies = read_strategies(PEER_FOLDER)
+    assert list(strategies)[0] == "mit" and "pill_stage2_all_patches" in strategies
+    for name, strategy in strategies.items():
+        overlay = name if name in {path.stem for path in PEER_FOLDER.glob("*.yaml")} else "pill_stage2"
+        fusion = yaml.safe_load((PEER_FOLDER / f"{overlay}.yaml").read_text())["model"]["fusion"]
+        built = strategy.factory(scales.SCALES["tiny"])
+        module = scales.build_module(scales.SCALES["tiny"], built, 16, torch.device("cpu"))
+        assert type(module.fusion).__name__ == fusion["class_path"].rsplit(".", 1)[1], name
+        for key, value in (fusion.get("init_args") or {}).items():
+            if name == "pill_stage2_all_patches" and key == "tokens":
+                value = None  # the variant's one change
+            got = built.keywords[key]
+            assert (vars(got) if hasattr(got, "__dataclass_fields__") else got) == value, (name, key)
+    assert strategies["mit"].factory(scales.SCALES["tiny"]).keywords["layers"] == list(scales.SCALES["tiny"].layers)
+
+
+def test_an_unknown_strategy_is_one_line_naming_those_there_are(capsys):
+    from mit_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info, pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["mit", "bench", "--strategies", "pil", "--peers", str(PEER_FOLDER)])
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Unknown strategies ['pil']" in error and "pill_stage2" in error and "Traceback" not in error

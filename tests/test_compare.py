@@ -267,7 +267,7 @@ def test_a_stopped_comparison_is_continued_by_the_same_command(tmp_path, monkeyp
         if "late_addition" in str(directory) and len(started) == 2:
             raise SystemExit(143)
         (directory / "v0").mkdir(parents=True, exist_ok=True)
-        (directory / "v0" / "test_metrics.json").write_text('{"test/test/oIoU": 0.5}')
+        (directory / "v0" / "test_metrics.json").write_text('{"test/oIoU": 0.5}')
         (directory / "v0" / "training_cost.json").write_text('{"step_ms": 1.0}')
         return 0
 

@@ -415,3 +415,30 @@ def test_synthetic_images_removed_after_generation_stop_setup_naming_them(tmp_pa
     next((tmp_path / "demo" / "images" / "train2014").iterdir()).unlink()
     with pytest.raises(UserError, match="missing from"):
         module.setup("fit")
+
+
+# === JSON and text files nested or encoded beyond reading ==========================================
+DEEP = "[" * 200_000 + "]" * 200_000
+
+
+def test_refcoco_instances_nested_beyond_reading_are_one_line(refer):
+    refer.instances.write_text(DEEP)
+    with pytest.raises(UserError, match="not a COCO-style instances file"):
+        refer_samples(refer)
+
+
+def test_snli_ve_a_line_nested_beyond_reading_is_one_line(tmp_path):
+    root = tmp_path / "snli_ve"
+    write_snli_ve(root)
+    (root / "snli_ve_train.jsonl").write_text(DEEP + "\n")
+    with pytest.raises(UserError, match="line 1: not valid JSON"):
+        SNLIVEDataModule(root=str(root), image_size=16, num_workers=0).setup("fit")
+
+
+def test_food101_a_validation_split_file_that_is_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / "food101"
+    write_food101(root)
+    (root / "splits").mkdir()
+    (root / "splits" / "food101_val_ids_seed0_4.txt").write_bytes(b"caf\xe9.jpg\n")
+    with pytest.raises(UserError, match="Cannot read the validation split file"):
+        Food101DataModule(root=str(root), image_size=16, val_size=0.25, num_workers=0).setup("fit")

@@ -176,3 +176,21 @@ def test_a_prediction_that_is_not_finite_is_written_as_null_with_an_error_and_co
     text = "\n".join(json.dumps(row, allow_nan=False) for row in rows)  # valid JSON throughout
     assert rows[0]["prediction"] is None and rows[0]["error"] and writer.not_finite == ["test #0"]
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_results_file_nested_beyond_reading_is_one_line(tmp_path):
+    (tmp_path / RESULTS_FILE).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserError, match="nests too deeply"):
+        find_results(tmp_path)
+
+
+def test_mit_export_beside_a_damaged_test_metrics_file_is_one_line(tmp_path, demo_run, monkeypatch, capsys):
+    """The export's model card reads the run's test metrics: a damaged file there is named, not a traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = Path(shutil.copy(demo_run.checkpoint, run / "checkpoints" / "best.ckpt"))
+    (run / RESULTS_FILE).write_text("{oops")
+    error = fails_at_once(monkeypatch, capsys, "export", "--ckpt_path", str(checkpoint), str(tmp_path / "out"))
+    assert str(run / RESULTS_FILE) in error

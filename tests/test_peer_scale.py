@@ -11,7 +11,6 @@ import torch
 from mit_lightning.backbones.llm import LLMConfig
 from mit_lightning.backbones.lora import LoRA
 from mit_lightning.backbones.vision import VisionConfig
-from mit_lightning.bench.cases import ALL_LINEAR
 from mit_lightning.data.base import DataSpec
 from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
 from mit_lightning.heads import ReferringSegmentation
@@ -19,6 +18,9 @@ from mit_lightning.module import MiTModule
 
 D, FFN, LAYERS, HEADS = 4096, 11008, 32, 32  # LLaMA-2-7B
 CLIP_WIDTH, CLIP_EMBED = 1024, 768  # ViT-L/14-336 patch tokens and global feature
+
+#: every linear layer of a LLaMA-family decoder (LLaVA-1.5's LoRA targets)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def module_7b(fusion) -> MiTModule:

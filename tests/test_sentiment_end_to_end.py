@@ -82,11 +82,11 @@ def test_the_test_run_reads_the_file_it_was_trained_on(run: Run):
     assert run.test.model.sequence_modalities == ["audio", "facial"]
 
 
-@pytest.mark.parametrize("dataset", ["MOSI", "MOSEI"])
-def test_missing_features_stop_the_run_with_one_clear_message(dataset, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dataset, configs", [("MOSI", ["mosi.yaml"]), ("MOSEI", ["mosi.yaml", "datasets/mosei.yaml"])])
+def test_missing_features_stop_the_run_with_one_clear_message(dataset, configs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIT_DATA_ROOT", str(tmp_path / "nowhere"))  # the config's ${MIT_DATA_ROOT:-data}
-    config = str(REPO / "configs" / f"{dataset.lower()}.yaml")
-    error = fails_at_once(monkeypatch, capsys, "fit", "--config", config, *TINY_LLM)
+    config_args = [arg for config in configs for arg in ("--config", str(REPO / "configs" / config))]
+    error = fails_at_once(monkeypatch, capsys, "fit", *config_args, *TINY_LLM)
     expected = tmp_path / "nowhere" / dataset / "Processed" / "unaligned_50.pkl"
     assert f"{dataset} feature file not found: expected a file at '{expected}'" in error
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -76,3 +85,52 @@ def test_the_relative_change_counts_real_tokens_only():
     new[..., 0, :] += 1.0
     change = relative_change(new, old, torch.tensor([[1, 1, 0]]))
     assert change.item() == pytest.approx(math.sqrt(2) / 2)
+
+
+# --- seen in a browser ---------------------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def tensorboard_url(events):
+    """TensorBoard itself serving the run, on a free port of this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(Path(events.path).parent),
+                               "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "data/runs", timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("TensorBoard did not start")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+@pytest.mark.parametrize("tags, cards", [("mit/gates|mit/infusion_size", ["mit/gates", "mit/infusion_size"])])
+def test_tensorboard_shows_the_pictures_in_a_browser(tensorboard_url, tmp_path, tags, cards):
+    """TensorBoard's time series filtered to the panels; a screenshot of each is kept in the test's folder."""
+    from headless_chromium import Chromium
+    from PIL import Image
+
+    search = "document.querySelector('input[placeholder=\"Filter tags (regex)\"]')"
+    with Chromium(CHROMIUM, tmp_path / "profile") as browser:
+        page = browser.open(f"{tensorboard_url}#timeseries", height=1100)
+        page.wait_for(search, timeout=90)
+        typed = f"({search}.value = {tags!r}, {search}.dispatchEvent(new Event('input', {{bubbles: true}})))"
+        for card in cards:  # typed again while waiting: the filter typed before the runs load is dropped
+            page.wait_for(f"{typed} && document.body.innerText.includes({card!r})", timeout=180)
+        time.sleep(5)  # the pictures load after their titles
+        screenshot = Image.open(page.screenshot(tmp_path / f"{cards[0].replace('/', '_')}.png"))
+    assert np.asarray(screenshot.convert("L")).std() > 20

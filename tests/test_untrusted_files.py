@@ -288,3 +288,19 @@ def test_mit_fit_with_clip_weights_and_the_tiny_tower_is_one_line(tmp_path, monk
     error = fails_at_once(monkeypatch, capsys, "fit", "--config", DEMO, "--model.vision.weights", str(tmp_path / "c.pt"),
                           "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.root", str(tmp_path / "data"))
     assert "reads no weights" in error
+
+
+def test_an_export_config_nested_beyond_reading_is_one_line(tmp_path, task_checkpoints):
+    export = write_export(read_adapter(task_checkpoints["sentiment"]), tmp_path / "export")
+    (export / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserError, match="is not valid JSON"):
+        read_adapter(export)
+
+
+def test_an_llm_config_nested_beyond_reading_is_one_line(tmp_path):
+    from mit_lightning.backbones.llm import _check_config_json
+
+    path = tmp_path / "config.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserError, match="is not valid JSON"):
+        _check_config_json(path)

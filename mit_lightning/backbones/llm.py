@@ -134,7 +134,7 @@ def _check_config_json(file: Path) -> None:
     """The two ways a hand-edited config.json usually breaks, named before transformers reports them at length."""
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserError(f"'{file}' is not valid JSON ({error}). Restore the model's original config.json.") from error
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"'{file}' has no model_type, so it does not say which architecture it describes (e.g. "

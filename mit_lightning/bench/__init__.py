@@ -11,7 +11,7 @@ padding):
   gradients, nothing below that layer).
 - mit_train: one real training step of `MiTModule`: `training_step` (CLIP, tokenising, the infused
   LLM, segmentation head, DICE loss), backward and the Adam step of `configure_optimizers`.
-- <strategy>_train: the same step with another fusion strategy (`cases.STRATEGIES`), e.g.
+- <strategy>_train: the same step with another fusion strategy (an overlay of `configs/peers/`), e.g.
   concat_train with `TokenConcat`: every CLIP patch token is prepended to the text, so the graph
   runs through all layers over patches + text.
 - mit_inference: the MiT forward without grad, at batch 1 (latency) and at each batch size
@@ -35,7 +35,7 @@ Each case also reports its casts and kernel launches, counted in one more call u
 over a case's warm-up steps (see `measure.py`); data loading reports none (it happens in the worker
 processes).
 
-Modules: `measure` (timing, memory probes), `cases` (the steps and the strategies), `report` (JSON
+Modules: `measure` (timing, counts), `cases` (the steps), `strategies` (read from the overlays), `report` (JSON
 lines, ratios, targets), `cli` (arguments and the run).
 """
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from functools import partial
 from math import ceil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -17,34 +17,13 @@ from mit_lightning.backbones.llm import last_token
 from mit_lightning.backbones.vision import VisionShape
 from mit_lightning.bench.measure import measure
 from mit_lightning.bench.report import Report
+from mit_lightning.bench.strategies import Strategy
 from mit_lightning.compiling import Compile
 from mit_lightning.data.refer import RefCOCODataModule
 from mit_lightning.data.synthetic import write_synthetic_refer
-from mit_lightning.backbones.lora import LoRA
-from mit_lightning.fusion import PILL, MiT, ModeX, TokenConcat
-from mit_lightning.fusion.base import Fusion, ModelDims
 from mit_lightning.measuring import release
 from mit_lightning.module import MiTModule
 from mit_lightning.scales import Scale, build_module, synthetic_batch, vision_config
-
-#: every linear layer of a LLaMA-family decoder (LLaVA-1.5's LoRA targets)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: strategy → its fusion factory at a scale, with the settings of its configs/peers overlay; each gets a
-#: `<strategy>_train` case. MiT comes first: the floor and inference are measured on its model, and every
-#: ratio refers to it. PILL is measured in stage 2, where everything of it trains, on every patch token and
-#: on the 32 tokens of its overlays (a learned-query resampler, as its Q-Former), so both regimes are costed.
-STRATEGIES: dict[str, Callable[[Scale], Callable[[ModelDims], Fusion]]] = {
-    "mit": lambda scale: partial(MiT, layers=scale.layers),
-    "concat": lambda scale: TokenConcat,
-    "concat_lora_r16_qkv": lambda scale: partial(TokenConcat, lora=LoRA(rank=16, alpha=32.0, dropout=0.05)),
-    "concat_lora_r128_all_linear": lambda scale: partial(
-        TokenConcat, lora=LoRA(rank=128, alpha=256.0, target_modules=list(ALL_LINEAR), dropout=0.05)
-    ),
-    "pill": lambda scale: partial(PILL, stage=2, rank=32, projector="linear"),
-    "pill_32_tokens": lambda scale: partial(PILL, stage=2, rank=32, projector="linear", tokens=32),
-    "modex": lambda scale: partial(ModeX, rank=16),
-}
-
 
 #: how the steps run: under bf16 autocast (like `precision: bf16-mixed`) or in the weights' own dtypes
 Precision = Literal["bf16-mixed", "32"]
@@ -117,11 +96,12 @@ def compiled_name(case: str, mode: Compile) -> str:
     return case if mode == "none" else f"{case}@{mode}"
 
 
-def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device) -> None:
+def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, device: torch.device,
+                     strategies: dict[str, Strategy]) -> None:
     """floor, mit_train and mit_inference on one MiT model per compile mode, then each other strategy's training
     step (eager)."""
     for mode in args.compile:
-        module = build_module(scale, STRATEGIES["mit"](scale), args.text_length, device, compile=mode)
+        module = build_module(scale, strategies["mit"].factory(scale), args.text_length, device, compile=mode)
         run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers), mode=mode)
         module.eval()
         name = compiled_name("mit_inference", mode)
@@ -134,7 +114,7 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
     for strategy in args.strategies:
         if strategy == "mit":
             continue
-        module = build_module(scale, STRATEGIES[strategy](scale), args.text_length, device)
+        module = build_module(scale, strategies[strategy].factory(scale), args.text_length, device)
         run_training_cases(report, module, f"{strategy}_train", scale, args)
         del module
         release(device)

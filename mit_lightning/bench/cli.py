@@ -15,8 +15,9 @@ import torch
 
 import mit_lightning.bench as package
 from mit_lightning.backbones.llm import DType
-from mit_lightning.bench.cases import STRATEGIES, Precision, default_precision, run_data_loading, run_module_cases
+from mit_lightning.bench.cases import Precision, default_precision, run_data_loading, run_module_cases
 from mit_lightning.bench.report import Report, ratios, target_lines
+from mit_lightning.bench.strategies import PEERS, read_strategies
 from mit_lightning.bench.weights import weight_memory_lines
 from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
@@ -49,9 +50,12 @@ def parser() -> argparse.ArgumentParser:
                         help="tiny: the tiny presets (CPU); small: a 16-layer 1024-wide LLaMA shape and CLIP ViT-B/16 "
                              "at 224, random, fp32 (CPU: the frozen backbones dominate a step); 7b: LLaMA-2-7B and CLIP "
                              "ViT-L/14-336 shapes, random, bf16 (GPU)")
-    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
-                        help="fusion strategies whose training step is measured (mit always is: every ratio "
-                             "refers to it); default: all")
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="fusion strategies whose training step is measured, by overlay name in --peers (and "
+                             "pill_stage2_all_patches: PILL on every patch token); mit always is, every ratio refers "
+                             "to it; default: all")
+    parser.add_argument("--peers", type=Path, default=PEERS,
+                        help=f"the strategy overlays, as mit compare reads them (default {PEERS})")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                         help="default: 8 32 (small: 8)")
     parser.add_argument("--text-length", type=positive_int, default=48, help="prompt length in tokens")
@@ -102,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.steps = args.steps or scale.steps
     args.warmup = scale.warmup if args.warmup is None else args.warmup
-    args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies) if name != "mit")]
+    strategies = read_strategies(args.peers)
+    unknown = [name for name in args.strategies or () if name not in strategies]
+    if unknown:
+        raise UserError(f"Unknown strategies {unknown}; those in '{args.peers}': {', '.join(strategies)}.")
+    args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies or strategies) if name != "mit")]
     args.compile = list(dict.fromkeys(args.compile or scale.compile))
     device = _device(args.device, args.scale)
     args.precision = args.precision or default_precision(device)
@@ -117,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             warnings.filterwarnings("ignore", message=r".*self\.log\(\)` but the `self\.trainer` reference")
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
                 torch.manual_seed(0)  # the trainable parts' initial weights; the caller's RNG is left alone
-                run_module_cases(report, scale, args, device)
+                run_module_cases(report, scale, args, device, strategies)
         if args.data_loading:
             run_data_loading(report, scale, args, device)
         line = ratios(report, args.strategies, args.batch_sizes, with_targets=args.scale == "7b" and device.type == "cuda",

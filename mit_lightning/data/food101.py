@@ -214,7 +214,11 @@ class Food101DataModule(ImageTextClassificationDataModule):
         return [self.root / "splits", Path(run_dir) / "splits"]
 
     def _read_split_file(self, path: Path, count: int, ids_by_class: dict[str, list[str]]) -> set[str]:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"Cannot read the validation split file '{path}' ({error}); delete it to draw the split "
+                            "again.") from None
         ids = [line for line in lines if line and not line.startswith("#")]
         known = {filename for filenames in ids_by_class.values() for filename in filenames}
         unknown = [filename for filename in ids if filename not in known]

@@ -200,7 +200,7 @@ def load_instances(path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dic
             instances = json.load(file)
         images = {image["id"]: image for image in instances["images"]}
         annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as error:
         raise UserError(f"'{path}' is not a COCO-style instances file ({error!r}). Re-download it.") from error
     for kind, listed, by_id in (("image", instances["images"], images), ("annotation", instances["annotations"],
                                                                          annotations)):

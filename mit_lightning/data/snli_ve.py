@@ -43,8 +43,8 @@ def read_snli_ve(path: Path, image_dir: Path, report: SetupReport) -> tuple[list
         where = f"{path}, line {line_number}"
         try:
             pair = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: not valid JSON ({error.msg}).") from error
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise UserError(f"{where}: not valid JSON ({getattr(error, 'msg', 'it nests too deeply')}).") from None
         if not isinstance(pair, dict):
             raise UserError(f"{where}: expected a JSON object with the SNLI-VE fields, got {type(pair).__name__}.")
         missing = [name for name in ("gold_label", "Flickr30K_ID") if name not in pair]

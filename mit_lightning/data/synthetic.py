@@ -208,7 +208,7 @@ def _holds(root: Path, settings: dict[str, Any]) -> bool:
         return False
     try:
         found = json.loads(marker.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         found = None
     if found == settings:
         return True
