@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import fails_at_once
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.adapters import read_adapter, write_export
 from mit_lightning.errors import UserError, make_folder
 from mit_lightning.experiments import RESULTS_FILE, find_results

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapter_fixtures import CLASS_NAMES, shapes_image
-from cli_helpers import fails_at_once
+from helpers.adapter_fixtures import CLASS_NAMES, shapes_image
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.inference import load_adapters
 from mit_lightning.serve.app import create_app
 
