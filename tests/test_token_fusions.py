@@ -189,8 +189,12 @@ def test_pill_stage1_flips_the_last_layers_routing_only(tiny_llm_factory, tiny_c
     hidden = torch.randn(1, 4, llm.shape.hidden_size)
     modality = torch.tensor([[True, False, False, False]])
     routed = layer.route_mlp_input(hidden, PILLPayload(modality=modality))
-    torch.testing.assert_close(routed[:, 1:], hidden[:, 1:] + layer.visual_adapter(hidden[:, 1:]))  # text → A_vis
-    torch.testing.assert_close(routed[:, :1], hidden[:, :1] + layer.text_adapter(hidden[:, :1]))
+    # which adapter a token went through: the two differ by O(1) here, float rounding (the adapters run on the
+    # whole sequence, not on the slice) by about 1e-5
+    close = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(routed[:, 1:], hidden[:, 1:] + layer.visual_adapter(hidden[:, 1:]), **close)  # text → A_vis
+    torch.testing.assert_close(routed[:, :1], hidden[:, :1] + layer.text_adapter(hidden[:, :1]), **close)
+    assert (layer.visual_adapter(hidden) - layer.text_adapter(hidden)).norm(dim=-1).min() > 1e-2
 
 
 @pytest.mark.parametrize("method", ["concat_3_tokens", "pill_3_tokens", "modex_3_tokens"])
