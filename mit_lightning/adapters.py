@@ -37,7 +37,7 @@ from mit_lightning.checkpoints import (
 )
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError, make_folder, user_error_in
+from mit_lightning.errors import UserError, make_folder
 from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
