@@ -12,6 +12,10 @@ the model, in files anyone can read without running code:
 
 Both are read into the same `Adapter`; `mit_lightning.inference` rebuilds the model from it. Every
 class path a file names is checked before anything is imported (`check_stored_config`).
+
+"Adapter" means this, a trained model's own part, throughout the project; peft's weights inside the LLM are
+"LoRA weights" (`backbones.lora`), and PILL's and ModeX's modules keep their papers' names (SwiGLU adapters,
+MEC-Adapters) inside `fusion.pill` and `fusion.modex`.
 """
 
 from __future__ import annotations

@@ -20,36 +20,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from mit_lightning.data.images import load_rgb
+from mit_lightning.data.images import load_rgb, overlay
 from mit_lightning.errors import UserError, make_folder
 
-OVERLAY_COLOUR = np.array([230, 25, 25], dtype=np.float32)
-#: colours a mask can be drawn in where red would not show (a red object): red, cyan, yellow, blue
-CONTRASTING_COLOURS = np.array([[230, 25, 25], [0, 210, 230], [245, 225, 0], [30, 60, 235]], dtype=np.float32)
 #: what a prediction folder holds once written
 OUTPUTS = ("predictions.rank*.jsonl", "masks", "overlays")
 
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "sample"
-
-
-def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5, colour: np.ndarray = OVERLAY_COLOUR) -> Image.Image:
-    """The mask in `colour` (red) over the image; a mask of another size is stretched to the image (nearest neighbour)."""
-    if mask.shape != (image.height, image.width):
-        mask = np.asarray(Image.fromarray(mask).resize((image.width, image.height), Image.Resampling.NEAREST))
-    pixels = np.asarray(image, dtype=np.float32).copy()
-    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * colour
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-
-def contrasting_colour(image: Image.Image, mask: np.ndarray, distinct: float = 150.0) -> np.ndarray:
-    """Red, unless the masked pixels are close to red (mean colour within `distinct`): then the colour of
-    `CONTRASTING_COLOURS` farthest from them, so the overlay always shows."""
-    if not mask.any() or mask.shape != (image.height, image.width):
-        return OVERLAY_COLOUR
-    distances = np.linalg.norm(CONTRASTING_COLOURS - np.asarray(image, dtype=np.float32)[mask].mean(axis=0), axis=1)
-    return OVERLAY_COLOUR if distances[0] >= distinct else CONTRASTING_COLOURS[distances.argmax()]
 
 
 def _plain(value: Any) -> Any:
@@ -125,26 +104,28 @@ class PredictionWriter(BasePredictionWriter):
                            "'error'.")
 
     def _row(self, prediction: dict[str, Any], position: int, split: str) -> dict[str, Any]:
+        """One sample's row: its values as the head names them; a 2-D one (a mask) written as PNG files instead."""
         row: dict[str, Any] = {"split": split}
+        images = {key: values[position] for key, values in prediction.items()
+                  if isinstance(values[position], torch.Tensor) and values[position].dim() == 2}
         for key, values in prediction.items():
-            if key not in ("mask", "probability"):
+            if key not in images:
                 row[key] = _plain(values[position])
-        if "mask" in prediction:
-            row.update(self._write_mask(prediction["mask"][position].numpy(), row, split))
-        if "probability" in prediction:
-            row["probabilities"] = _plain(prediction["probability"][position])
+        for key, image in images.items():
+            row.update(self._write_mask(key, image.numpy(), row, split))
         if self.class_names:
             for key in ("prediction", "label"):
                 if isinstance(row.get(key), int):
                     row[f"{key}_name"] = self.class_names[row[key]]
         return row
 
-    def _write_mask(self, mask: np.ndarray, row: dict[str, Any], split: str) -> dict[str, str]:
+    def _write_mask(self, key: str, mask: np.ndarray, row: dict[str, Any], split: str) -> dict[str, str]:
+        """`key` (mask) as a black-and-white PNG in <key>s/ and drawn over the sample's image in overlays/."""
         name = f"{split}_{row['index']:06d}_{_slug(row.get('sentence', ''))}.png"
-        mask_path = self.output_dir / "masks" / name
+        mask_path = self.output_dir / f"{key}s" / name
         overlay_path = self.output_dir / "overlays" / name
         mask_path.parent.mkdir(exist_ok=True)
         overlay_path.parent.mkdir(exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         overlay(load_rgb(row["image_path"], upright=False), mask).save(overlay_path)  # the mask's (dataset's) frame
-        return {"mask": str(mask_path), "overlay": str(overlay_path)}
+        return {key: str(mask_path), "overlay": str(overlay_path)}

@@ -34,7 +34,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from mit_lightning.compiling import Compile
 from mit_lightning.data.base import collate
 from mit_lightning.data.images import DECODE_ERRORS, ImageTooLarge, load_rgb, to_square_tensor
 from mit_lightning.errors import UserError, user_error_in
+from mit_lightning.heads.base import Task
 from mit_lightning.module import MiTModule
 
 #: bounds on one input, so that a single request cannot take the memory or time of all others
@@ -230,7 +231,8 @@ class Predictor:
         batch = self.prepare(samples)
         with precision_context(self.precision, self.module.device):
             output = self.module(batch)
-        results = RESULTS[self.task](self, output, samples)
+        sizes = [(sample.image.height, sample.image.width) for sample in samples] if self.image_size is not None else None
+        results = self.module.head.answers(output, image_sizes=sizes, class_names=self.class_names)
         finite = torch.isfinite(output.float().reshape(len(samples), -1)).all(dim=1).tolist()
         return [{"prompt": prompt, **result} if ok else NonFiniteOutput(NON_FINITE_OUTPUT)
                 for prompt, result, ok in zip(batch["prompt"], results, finite)]
@@ -263,40 +265,6 @@ def answer(result: dict[str, Any] | InputError) -> dict[str, Any]:
     if isinstance(result, InputError):
         raise result
     return result
-
-
-def _segmentation(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-    """The mask (probability > 0.5, as evaluated), the probability map, and the mask's confidence: the mean
-    foreground probability over its pixels (0 for an empty mask)."""
-    sizes = [(sample.image.height, sample.image.width) for sample in samples]
-    results = []
-    for probability in predictor.module.head.probabilities_at(output, sizes):
-        mask = probability > 0.5
-        confidence = float(probability[mask].mean()) if mask.any() else 0.0
-        results.append({"mask": mask.cpu().numpy(), "confidence": confidence, "probability": probability.cpu().numpy()})
-    return results
-
-
-def _classification(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-    names = predictor.class_names
-    probabilities = predictor.module.head.predict(output, {})["probability"]
-    return [
-        {"label": names[int(row.argmax())], "label_index": int(row.argmax()),
-         "probabilities": {name: float(value) for name, value in zip(names, row)}}
-        for row in probabilities
-    ]
-
-
-def _sentiment(predictor: Predictor, output: torch.Tensor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-    return [{"score": float(score)} for score in predictor.module.head.predict(output, {})["prediction"]]
-
-
-#: task → the results of a batch's output, one dict per sample
-RESULTS: dict[str, Callable[[Predictor, torch.Tensor, Sequence[Sample]], list[dict[str, Any]]]] = {
-    "segmentation": _segmentation,
-    "classification": _classification,
-    "sentiment": _sentiment,
-}
 
 
 # --- several adapters on one backbone -------------------------------------------------------------------
@@ -429,9 +397,9 @@ def load_adapters(
         name = _unique_name(wanted or adapter.name, predictors)
         module = build_module(adapter, llm_path, clip_weights, compile)
         backbones.build(module, adapter, name, shared=len(sources) > 1)
-        if module.head.task not in RESULTS:
+        if module.head.task is None:
             raise UserError(f"'{name}' has a {type(module.head).__name__} head, which has no use on new inputs yet "
-                            f"(tasks: {', '.join(RESULTS)}).")
+                            f"(tasks: {', '.join(get_args(Task))}).")
         if module.data_spec.prompt is None:
             raise UserError(f"'{adapter.source}' does not record how its prompts were written (data.prompt_template).")
         if adapter.backbones and not allow_other_backbones:

@@ -22,7 +22,7 @@ from torch import nn
 from mit_lightning.batch import Batch
 from mit_lightning.backbones.fingerprint import llm_fingerprint, vision_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
-from mit_lightning.backbones.lora import adapter_parameter_names
+from mit_lightning.backbones.lora import lora_parameter_names
 from mit_lightning.backbones.sequence import SequenceEncoder
 from mit_lightning.backbones.task_token import TaskToken
 from mit_lightning.backbones.vision import FrozenCLIP, VisionConfig, VisionShape
@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 FROZEN_SUBMODULES = ("llm", "vision")
 
 
-def is_trainable_key(name: str, adapters: Collection[str] = ()) -> bool:
+def is_trainable_key(name: str, lora: Collection[str] = ()) -> bool:
     """The one predicate deciding what trains and what checkpoints hold.
 
-    Everything outside the frozen backbones, plus `adapters`: the names of adapter weights a fusion
-    method added inside them (LoRA, found by `MiTModule.adapter_names`).
+    Everything outside the frozen backbones, plus `lora`: the names of the LoRA weights a fusion method added
+    inside them (`MiTModule.lora_names`).
     """
-    return name.split(".", 1)[0] not in FROZEN_SUBMODULES or name in adapters
+    return name.split(".", 1)[0] not in FROZEN_SUBMODULES or name in lora
 
 
 @dataclass
@@ -251,18 +251,18 @@ class MiTModule(L.LightningModule):
         return tuple(sorted(set(self.fusion.vision_blocks) | set(self.head.vision_blocks)))
 
     # --- parameters -----------------------------------------------------------------------------
-    def adapter_names(self) -> set[str]:
-        """Names of the adapter weights (LoRA) a fusion method added inside the frozen LLM."""
-        return adapter_parameter_names(self.llm, prefix="llm") if self.llm is not None else set()
+    def lora_names(self) -> set[str]:
+        """Names of the LoRA weights a fusion method added inside the frozen LLM."""
+        return lora_parameter_names(self.llm, prefix="llm") if self.llm is not None else set()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        adapters = self.adapter_names()
-        return [p for name, p in self.named_parameters() if is_trainable_key(name, adapters) and p.requires_grad]
+        lora = self.lora_names()
+        return [p for name, p in self.named_parameters() if is_trainable_key(name, lora) and p.requires_grad]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What checkpoints hold: the state of everything that is not frozen (trainable or not in this stage)."""
-        adapters = self.adapter_names()
-        return {name: value for name, value in self.state_dict().items() if is_trainable_key(name, adapters)}
+        lora = self.lora_names()
+        return {name: value for name, value in self.state_dict().items() if is_trainable_key(name, lora)}
 
     def parameter_counts(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.trainable_parameters())
@@ -395,8 +395,8 @@ class MiTModule(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        adapters = self.adapter_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k, adapters)}
+        lora = self.lora_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k, lora)}
         checkpoint[BACKBONES_ENTRY] = self.backbones
         if self.data_spec is not None:
             checkpoint[DATA_SPEC_ENTRY] = self.data_spec.to_record()

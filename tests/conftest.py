@@ -35,7 +35,7 @@ def tiny_clip() -> FrozenCLIP:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """A real `mit fit` of the demo config, shrunk to seconds (segmentation; see adapter_fixtures)."""
-    from adapter_fixtures import fit_demo
+    from helpers.adapter_fixtures import fit_demo
 
     return fit_demo(tmp_path_factory.mktemp("demo_run"))
 
@@ -43,7 +43,7 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def task_checkpoints(tmp_path_factory) -> dict:
     """Classification and sentiment checkpoints in `mit fit`'s format, by task (see adapter_fixtures)."""
-    from adapter_fixtures import write_checkpoint
+    from helpers.adapter_fixtures import write_checkpoint
 
     folder = tmp_path_factory.mktemp("task_checkpoints")
     return {task: write_checkpoint(task, folder / f"{task}.ckpt", seed) for seed, task in enumerate(

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headless_chromium import Chromium  # noqa: E402
+from helpers.headless_chromium import Chromium  # noqa: E402
 
 PANELS = {"previews": "previews", "gates_chart": "mit/gates|mit/infusion_size", "gate_histograms": "mit/gate/layer2/"}
 SEARCH = "document.querySelector('input[placeholder=\"Filter tags (regex)\"]')"

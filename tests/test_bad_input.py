@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from classification_fixtures import write_food101, write_snli_ve
-from cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
+from helpers.classification_fixtures import write_food101, write_snli_ve
+from helpers.cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.backbones.presets import preset_llm_config, tiny_tokenizer
 from mit_lightning.cli import cli_main
@@ -35,8 +35,8 @@ from mit_lightning.errors import UserError
 from mit_lightning.fusion.base import ModelDims
 from mit_lightning.heads.segmentation import Loss, ReferringSegmentation
 from mit_lightning.safe_pickle import UnsafePickleError, load_data_pickle
-from mmsa_fixtures import make_mmsa, write_pickle
-from refer_fixtures import IMAGES, ReferFixture, image_file_name, refs_records, write_refer_fixture
+from helpers.mmsa_fixtures import make_mmsa, write_pickle
+from helpers.refer_fixtures import IMAGES, ReferFixture, image_file_name, refs_records, write_refer_fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_SIZE = 16

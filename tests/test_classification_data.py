@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification_fixtures import (
+from helpers.classification_fixtures import (
     FOOD101_TRAIN_COUNTS,
     FOOD101_TRICKY_TITLES,
     Fixture,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
-from classification_fixtures import Fixture, write_food101, write_snli_ve
+from helpers.cli_helpers import TINY_LLM_AND_CLIP, fails_at_once
+from helpers.classification_fixtures import Fixture, write_food101, write_snli_ve
 from mit_lightning.cli import MiTCLI, cli_main
 from mit_lightning.metrics.names import metric_name
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import DEMO, fails_at_once, small_run
+from helpers.cli_helpers import DEMO, fails_at_once, small_run
 from mit_lightning.cli import cli_main, main
 from mit_lightning.module import is_trainable_key
 

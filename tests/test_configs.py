@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from classification_fixtures import write_food101, write_snli_ve
-from cli_helpers import fails_at_once
+from helpers.classification_fixtures import write_food101, write_snli_ve
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.backbones.llm import LLMShape, torch_dtype
 from mit_lightning.cli import MiTCLI, main, parse_run_config
 from mit_lightning.data.mmsa import MMSADataModule
@@ -25,9 +25,9 @@ from mit_lightning.errors import UserError
 from mit_lightning.fusion import PILL, MiT, ModeX, ModelDims
 from mit_lightning.heads import ReferringSegmentation
 from mit_lightning.module import MiTModule
-from mmsa_fixtures import write_mmsa
-from real_backbones import smollm2_gguf
-from refer_fixtures import write_refer_fixture
+from helpers.mmsa_fixtures import write_mmsa
+from helpers.real_backbones import smollm2_gguf
+from helpers.refer_fixtures import write_refer_fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASES = sorted(path.name for path in CONFIGS.glob("*.yaml"))

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from classification_fixtures import write_food101, write_snli_ve
+from helpers.classification_fixtures import write_food101, write_snli_ve
 from mit_lightning.data.food101 import Food101DataModule
 from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.data.refer import RefCOCODataModule
 from mit_lightning.data.snli_ve import SNLIVEDataModule
 from mit_lightning.data.synthetic import MARKER, SyntheticRefCOCODataModule, write_synthetic_refer
-from mmsa_fixtures import make_mmsa, write_pickle
-from refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
+from helpers.mmsa_fixtures import make_mmsa, write_pickle
+from helpers.refer_fixtures import ReferFixture, instances_record, refs_records, write_refer_fixture
 from mit_lightning.errors import UserError
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter_fixtures import shapes_image
-from cli_helpers import fails_at_once
+from helpers.adapter_fixtures import shapes_image
+from helpers.cli_helpers import fails_at_once
 from mit_lightning import load_model
 from mit_lightning.adapters import EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, read_adapter
 from mit_lightning.cli import cli_main

@@ -100,7 +100,7 @@ def test_classification_metrics_and_predictions():
     assert results["confusion_matrix"].tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     predicted = head.predict(logits, batch)
     assert predicted["prediction"].tolist() == [0, 1, 1, 2]
-    torch.testing.assert_close(predicted["probability"].sum(dim=-1), torch.ones(4))
+    torch.testing.assert_close(predicted["probabilities"].sum(dim=-1), torch.ones(4))
 
 
 # --- sentiment regression --------------------------------------------------------------------------
@@ -152,3 +152,23 @@ def test_sentiment_metrics_and_predictions():
     assert scores["MAE"].item() == pytest.approx((0.4 + 0.2 + 0.2 + 1.1) / 4, rel=1e-6)
     assert scores["Acc2_has0"].item() == pytest.approx(0.75)  # 1.0 vs -0.1 is the only sign error
     torch.testing.assert_close(head.predict(output, batch)["prediction"], output)
+
+
+# --- the task in one place --------------------------------------------------------------------------
+def test_a_head_names_a_task_there_is_or_none():
+    from mit_lightning.heads.base import TaskHead
+
+    with pytest.raises(TypeError, match="'segmentaton'"):
+        type("Misnamed", (TaskHead,), {"task": "segmentaton"})
+    assert type("Untasked", (TaskHead,), {}).task is None
+
+
+def test_each_head_answers_new_inputs_as_served():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]])
+    classification = classification_head()
+    answers = classification.answers(logits, class_names=["cat", "dog", "owl"])
+    assert [answer["label"] for answer in answers] == ["cat", "owl"] and answers[1]["label_index"] == 2
+    expected = torch.softmax(logits[0], dim=0).tolist()
+    assert list(answers[0]["probabilities"].values()) == pytest.approx(expected)
+    sentiment = sentiment_head()
+    assert sentiment.answers(torch.tensor([1.5, -2.0])) == [{"score": 1.5}, {"score": -2.0}]

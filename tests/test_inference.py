@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapter_fixtures import CLASS_NAMES, MODELS, SPECS, build_adapter, shapes_image, write_checkpoint
+from helpers.adapter_fixtures import CLASS_NAMES, MODELS, SPECS, build_adapter, shapes_image, write_checkpoint
 from mit_lightning import load_model
 from mit_lightning.adapters import read_adapter
 from mit_lightning.data.base import collate
@@ -25,7 +25,7 @@ from mit_lightning.errors import UserError
 from mit_lightning.fusion import TextOnly
 from mit_lightning.inference import InputError, InputTooLarge, load_adapters
 from mit_lightning.checkpoints import DATA_SPEC_ENTRY
-from mmsa_fixtures import write_mmsa
+from helpers.mmsa_fixtures import write_mmsa
 
 
 def forward(predictor, items: list[dict]) -> torch.Tensor:

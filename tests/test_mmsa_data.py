@@ -13,7 +13,7 @@ import mit_lightning.data.mmsa as mmsa
 from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.errors import UserError
 from mit_lightning.safe_pickle import UnsafePickleError
-from mmsa_fixtures import SIZES, UNALIGNED_STEPS, make_mmsa, write_mmsa, write_pickle
+from helpers.mmsa_fixtures import SIZES, UNALIGNED_STEPS, make_mmsa, write_mmsa, write_pickle
 
 
 def build(root, stage: str | None = "fit", **kwargs) -> MMSADataModule:

@@ -206,7 +206,7 @@ LORA_CONCAT = partial(TokenConcat, projector="linear", lora=LoRA(rank=2, target_
 def test_lora_weights_train_and_are_saved_while_the_frozen_ones_are_not():
     module = segmentation_module(LORA_CONCAT)
     lora = {name for name, _ in module.llm.named_parameters(prefix="llm") if ".lora_" in name}
-    assert module.adapter_names() == lora and len(lora) == 4 * 2 * 2  # A and B of q and v in 4 layers
+    assert module.lora_names() == lora and len(lora) == 4 * 2 * 2  # A and B of q and v in 4 layers
     assert not any(is_trainable_key(name) for name in lora) and all(is_trainable_key(name, lora) for name in lora)
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import fails_at_once
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.adapters import read_adapter, write_export
 from mit_lightning.errors import UserError, make_folder
 from mit_lightning.experiments import RESULTS_FILE, find_results
@@ -171,7 +171,7 @@ def test_a_prediction_that_is_not_finite_is_written_as_null_with_an_error_and_co
     batch = {"index": torch.tensor([0, 1]), "prediction": torch.tensor([prediction, 0.5][:2])}
     if probabilities is not None:
         batch = {"index": torch.tensor([0]), "prediction": torch.tensor([prediction]),
-                 "probability": torch.tensor([probabilities])}
+                 "probabilities": torch.tensor([probabilities])}
     rows = [writer._finite(writer._row(batch, position, "test")) for position in range(len(batch["index"]))]
     text = "\n".join(json.dumps(row, allow_nan=False) for row in rows)  # valid JSON throughout
     assert rows[0]["prediction"] is None and rows[0]["error"] and writer.not_finite == ["test #0"]

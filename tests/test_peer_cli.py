@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY_LLM, fails_at_once, small_run
+from helpers.cli_helpers import TINY_LLM, fails_at_once, small_run
 from mit_lightning.cli import MiTCLI, cli_main, parse_run_config
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
-from mmsa_fixtures import write_mmsa
+from helpers.mmsa_fixtures import write_mmsa
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PEERS = CONFIGS / "peers"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import small_run
+from helpers.cli_helpers import small_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import yaml
 from fastapi.testclient import TestClient
 from pycocotools import mask as mask_utils
 
-from adapter_fixtures import DEMO
+from helpers.adapter_fixtures import DEMO
 from mit_lightning.data.refer import segmentation_to_rle
 from mit_lightning.data.synthetic import write_synthetic_refer
 

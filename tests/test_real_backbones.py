@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapter_fixtures import fit_demo, shapes_image
+from helpers.adapter_fixtures import fit_demo, shapes_image
 from mit_lightning import load_model
 from mit_lightning.backbones.fingerprint import check_same_backbones, llm_fingerprint
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape, last_token
@@ -29,7 +29,7 @@ from mit_lightning.fusion import FusionInputs, MiT, ModelDims
 from mit_lightning.heads import ReferringSegmentation
 from mit_lightning.module import MiTModule
 from mit_lightning.scales import SCALES, synthetic_batch
-from real_backbones import needs_smollm2, smollm2_gguf
+from helpers.real_backbones import needs_smollm2, smollm2_gguf
 from test_infusion import perturb, vectors
 
 pytestmark = [pytest.mark.slow, needs_smollm2]

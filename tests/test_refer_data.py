@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from mit_lightning.data.refer import PAPER_TEMPLATE, RefCOCODataModule, decode_mask, segmentation_to_rle
 from mit_lightning.errors import UserError
 from mit_lightning.safe_pickle import UnsafePickleError
-from refer_fixtures import (ANNOTATIONS, AREAS, IMAGES, REFS, image_file_name, rectangle_polygon, rectangles_mask,
+from helpers.refer_fixtures import (ANNOTATIONS, AREAS, IMAGES, REFS, image_file_name, rectangle_polygon, rectangles_mask,
                             refs_records, samples_by_split, write_refer_fixture)
 
 IMAGE_SIZE = 16

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import small_run
+from helpers.cli_helpers import small_run
 from mit_lightning.cli import cli_main, parse_run_config
 from mit_lightning.heads.release_decoders import CLIPSegDecoder
 from mit_lightning.release_evaluation import RESULTS_FILE, ReleaseEvaluation, sentence_draws

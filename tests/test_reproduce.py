@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from classification_fixtures import write_food101, write_snli_ve
+from helpers.classification_fixtures import write_food101, write_snli_ve
 from mit_lightning import reproduce
 from mit_lightning.cli import parse_run_config
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
@@ -19,7 +19,7 @@ from mit_lightning.metrics.names import metric_name, metric_of, split_of
 from mit_lightning.errors import UserError
 from mit_lightning.paper_tables import PAPER_TABLES, Experiment, load_tables, paper_tables
 from mit_lightning.reproduce import find_results, format_table
-from mmsa_fixtures import write_mmsa
+from helpers.mmsa_fixtures import write_mmsa
 
 TABLES = paper_tables()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import fails_at_once
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.data.sampling import EpochShuffle
 from mit_lightning.errors import UserError
 from mit_lightning.resume import (
@@ -149,7 +149,7 @@ def uninterrupted(tmp_path_factory):
 def test_a_run_killed_mid_epoch_resumes_exactly(uninterrupted, signal_name, step, exit_code):
     tmp_path, reference = uninterrupted
     name = f"killed_{signal_name}"
-    killed = run(tmp_path, name, "--trainer.callbacks+=signal_helpers.SignalAtStep", "--trainer.callbacks.step",
+    killed = run(tmp_path, name, "--trainer.callbacks+=helpers.signal_helpers.SignalAtStep", "--trainer.callbacks.step",
                  str(step), "--trainer.callbacks.signal_name", signal_name)
     assert killed.returncode == exit_code, killed.stderr[-3000:]
     if signal_name == "TERM":  # saved on the way out, and says how to go on
@@ -179,7 +179,7 @@ def test_a_run_stopped_again_and_again_exits_at_once_each_time_and_ends_as_the_u
     resume: list[str] = []
     for signal_name, during, step, times, exit_code, saved in STOPS:
         start = time.monotonic()
-        stopped = run(tmp_path, "sweep", *workers, *resume, "--trainer.callbacks+=signal_helpers.SignalAtStep",
+        stopped = run(tmp_path, "sweep", *workers, *resume, "--trainer.callbacks+=helpers.signal_helpers.SignalAtStep",
                       "--trainer.callbacks.step", str(step), "--trainer.callbacks.signal_name", signal_name,
                       "--trainer.callbacks.during", during, "--trainer.callbacks.times", str(times),
                       "--trainer.callbacks.whole_group", "true")
@@ -198,7 +198,7 @@ def test_a_job_whose_whole_process_group_is_terminated_stops_cleanly_and_resumes
     """Schedulers signal every process of a job: the dataloader workers leave SIGTERM to the main process."""
     tmp_path, reference = uninterrupted
     workers = ["--data.num_workers", "2"]  # the reference ran without workers: the order must not depend on them
-    killed = run(tmp_path, "group", *workers, "--trainer.callbacks+=signal_helpers.SignalAtStep",
+    killed = run(tmp_path, "group", *workers, "--trainer.callbacks+=helpers.signal_helpers.SignalAtStep",
                  "--trainer.callbacks.step", "6", "--trainer.callbacks.whole_group", "true")
     assert killed.returncode == 143, killed.stderr[-3000:]
     assert "Traceback" not in killed.stderr and "Logging error" not in killed.stderr

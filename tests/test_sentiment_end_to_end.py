@@ -21,8 +21,8 @@ from mit_lightning.data.mmsa import MMSADataModule
 from mit_lightning.fusion import LateAddition, MiT, TextOnly
 from mit_lightning.metrics.sentiment import SENTIMENT_METRIC_NAMES
 from mit_lightning.module import MiTModule
-from cli_helpers import TINY_LLM, fails_at_once
-from mmsa_fixtures import write_mmsa
+from helpers.cli_helpers import TINY_LLM, fails_at_once
+from helpers.mmsa_fixtures import write_mmsa
 
 REPO = Path(__file__).resolve().parents[1]
 MOSI = str(REPO / "configs" / "mosi.yaml")

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapter_fixtures import CLASS_NAMES, shapes_image
-from cli_helpers import fails_at_once
+from helpers.adapter_fixtures import CLASS_NAMES, shapes_image
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.inference import load_adapters
 from mit_lightning.serve.app import create_app
 
@@ -112,7 +112,7 @@ def test_the_api_docs_need_no_internet():
 
 
 def test_the_overlay_stands_out_from_the_object_it_covers():
-    from mit_lightning.callbacks import contrasting_colour, overlay
+    from mit_lightning.data.images import contrasting_colour, overlay
 
     image, circle = shapes_image(64)  # a red circle
     drawn = np.asarray(overlay(image, circle, colour=contrasting_colour(image, circle)), dtype=float)

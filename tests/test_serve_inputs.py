@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapter_fixtures import shapes_image
+from helpers.adapter_fixtures import shapes_image
 from mit_lightning.data.images import UnreadableImage, read_rgb
 from mit_lightning.inference import InputError, NonFiniteOutput, Sample, load_adapters, read_image
 from mit_lightning.serve.app import create_app

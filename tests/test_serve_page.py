@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from adapter_fixtures import shapes_image
-from headless_chromium import Chromium
+from helpers.adapter_fixtures import shapes_image
+from helpers.headless_chromium import Chromium
 from mit_lightning.inference import load_adapters
 from mit_lightning.serve.app import create_app
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import DEMO, fails_at_once
+from helpers.cli_helpers import DEMO, fails_at_once
 from mit_lightning.checkpoints import CONFIG_ENTRY, run_config_entry
 from mit_lightning.config_safety import RefusedConfig, check_stored_config, class_settings
 from mit_lightning.registry import CLASS_PATHS, registered_classes

@@ -18,7 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli_helpers import small_run
+from helpers.cli_helpers import small_run
 from mit_lightning import insight
 from mit_lightning.backbones.llm import FrozenLLM, LLMConfig, LLMShape
 from mit_lightning.cli import cli_main
@@ -121,7 +121,7 @@ def tensorboard_url(events):
 @pytest.mark.parametrize("tags, cards", [("mit/gates|mit/infusion_size", ["mit/gates", "mit/infusion_size"])])
 def test_tensorboard_shows_the_pictures_in_a_browser(tensorboard_url, tmp_path, tags, cards):
     """TensorBoard's time series filtered to the panels; a screenshot of each is kept in the test's folder."""
-    from headless_chromium import Chromium
+    from helpers.headless_chromium import Chromium
     from PIL import Image
 
     search = "document.querySelector('input[placeholder=\"Filter tags (regex)\"]')"

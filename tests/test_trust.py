@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import fails_at_once
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.checkpoints import load_weights_file
 from mit_lightning.errors import UserError
 

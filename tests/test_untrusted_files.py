@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import DEMO, fails_at_once
+from helpers.cli_helpers import DEMO, fails_at_once
 from mit_lightning.adapters import read_adapter, write_export
 from mit_lightning.backbones.vision import DEFAULT_WEIGHTS, VisionConfig
 from mit_lightning.checkpoints import check_lightning_entries, load_weights_file

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mit_lightning.backbones.lora import set_adapters_training
+from mit_lightning.backbones.lora import set_lora_training
 from mit_lightning.backbones.presets import LLM_PRESETS, preset_llm_config, seeded_init, tiny_tokenizer
 from mit_lightning.backbones.fingerprint import WEIGHT_SUFFIXES
 from mit_lightning.backbones.gguf import GGUF_SUFFIX, check_gguf_file, gguf_loading
@@ -260,7 +260,7 @@ class FrozenLLM(nn.Module):
         fusion method added (LoRA) follow `mode` too, so that their dropout acts while training.
         """
         super().train(False)
-        set_adapters_training(self.model, mode)
+        set_lora_training(self.model, mode)
         if self.config.activation_checkpointing:
             from transformers.modeling_layers import GradientCheckpointingLayer
 

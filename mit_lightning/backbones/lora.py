@@ -2,8 +2,8 @@
 
 LoRA is an option of the token-based fusion methods: token concatenation + LoRA is the usual
 LLaVA-style tuning. peft wraps the targeted linear layers of the frozen decoder, so the LoRA weights
-live inside the frozen model; `adapter_parameter_names` finds them by structure (peft's tuner layers
-and their adapter sub-layers), which is how they train and are saved while the frozen weights are not.
+live inside the frozen model; `lora_parameter_names` finds them by structure (peft's tuner layers
+and their LoRA sub-layers), which is how they train and are saved while the frozen weights are not.
 
 peft is imported only when LoRA is used: without it imported, a model holds no peft layer.
 """
@@ -72,11 +72,11 @@ def add_lora(model: nn.Module, lora: LoRA) -> None:
 
 def remove_lora(model: nn.Module) -> None:
     """Put the original layers back in place of peft's wrappers (their LoRA weights are dropped)."""
-    for name, layer in adapter_layers(model):
+    for name, layer in lora_layers(model):
         model.set_submodule(name, layer.get_base_layer())
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """peft's tuner layers inside `model`, by name (outermost first)."""
     tuners = sys.modules.get(_TUNERS_MODULE)
     if tuners is None:
@@ -84,10 +84,10 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, tuners.BaseTunerLayer)]
 
 
-def adapter_parameter_names(model: nn.Module, prefix: str = "") -> set[str]:
-    """Names (as in `model.named_parameters(prefix)`) of the adapter weights peft added to `model`."""
+def lora_parameter_names(model: nn.Module, prefix: str = "") -> set[str]:
+    """Names (as in `model.named_parameters(prefix)`) of the LoRA weights peft added to `model`."""
     names: set[str] = set()
-    for name, layer in adapter_layers(model):
+    for name, layer in lora_layers(model):
         for attribute in layer.adapter_layer_names:
             part = getattr(layer, attribute, None)
             if isinstance(part, nn.Module):
@@ -96,8 +96,8 @@ def adapter_parameter_names(model: nn.Module, prefix: str = "") -> set[str]:
     return names
 
 
-def set_adapters_training(model: nn.Module, mode: bool) -> None:
-    """Adapters follow `mode` (their dropout acts while training); the layers they wrap stay in eval mode."""
-    for _, layer in adapter_layers(model):
+def set_lora_training(model: nn.Module, mode: bool) -> None:
+    """LoRA layers follow `mode` (their dropout acts while training); the layers they wrap stay in eval mode."""
+    for _, layer in lora_layers(model):
         layer.train(mode)
         layer.get_base_layer().train(False)

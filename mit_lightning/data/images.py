@@ -81,3 +81,27 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     image = Image.fromarray(mask.astype(np.uint8) * 255)
     resized = image.resize((size, size), Image.Resampling.NEAREST)
     return torch.from_numpy((np.asarray(resized) > 127).astype(np.uint8))
+
+
+# --- drawing masks ---------------------------------------------------------------------------------
+OVERLAY_COLOUR = np.array([230, 25, 25], dtype=np.float32)
+#: colours a mask can be drawn in where red would not show (a red object): red, cyan, yellow, blue
+CONTRASTING_COLOURS = np.array([[230, 25, 25], [0, 210, 230], [245, 225, 0], [30, 60, 235]], dtype=np.float32)
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5, colour: np.ndarray = OVERLAY_COLOUR) -> Image.Image:
+    """The mask in `colour` (red) over the image; a mask of another size is stretched to the image (nearest neighbour)."""
+    if mask.shape != (image.height, image.width):
+        mask = np.asarray(Image.fromarray(mask).resize((image.width, image.height), Image.Resampling.NEAREST))
+    pixels = np.asarray(image, dtype=np.float32).copy()
+    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * colour
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def contrasting_colour(image: Image.Image, mask: np.ndarray, distinct: float = 150.0) -> np.ndarray:
+    """Red, unless the masked pixels are close to red (mean colour within `distinct`): then the colour of
+    `CONTRASTING_COLOURS` farthest from them, so the overlay always shows."""
+    if not mask.any() or mask.shape != (image.height, image.width):
+        return OVERLAY_COLOUR
+    distances = np.linalg.norm(CONTRASTING_COLOURS - np.asarray(image, dtype=np.float32)[mask].mean(axis=0), axis=1)
+    return OVERLAY_COLOUR if distances[0] >= distinct else CONTRASTING_COLOURS[distances.argmax()]

@@ -5,7 +5,7 @@ Loss: cross-entropy (Eq. 9). Metrics: top-1 accuracy, macro-F1 and, at test time
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -67,4 +67,14 @@ class ImageTextClassification(TaskHead):
 
     def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         probability = output.float().softmax(dim=-1)
-        return {"probability": probability.cpu(), "prediction": probability.argmax(dim=-1).cpu()}
+        return {"probabilities": probability.cpu(), "prediction": probability.argmax(dim=-1).cpu()}
+
+    def answers(self, output: torch.Tensor, *, image_sizes: Sequence[tuple[int, int]] | None = None,
+                class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The most probable class by name and index, and every class's probability."""
+        names = list(class_names) if class_names is not None else [str(index) for index in range(output.shape[-1])]
+        return [
+            {"label": names[int(row.argmax())], "label_index": int(row.argmax()),
+             "probabilities": {name: float(value) for name, value in zip(names, row)}}
+            for row in output.float().softmax(dim=-1).cpu()
+        ]

@@ -227,3 +227,16 @@ class ReferringSegmentation(TaskHead):
         masks = self.masks(output, targets)
         ious = per_sample_iou(mask_statistics(masks, targets)).tolist()  # the mIoU rule
         return {"mask": [mask.cpu() for mask in masks], "iou": ious}
+
+    def answers(self, output: torch.Tensor, *, image_sizes: Sequence[tuple[int, int]] | None = None,
+                class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """At each image's (H, W): the mask (probability > 0.5, as evaluated), the probability map, and the mask's
+        confidence, the mean foreground probability over its pixels (0 for an empty mask)."""
+        if image_sizes is None:
+            raise ValueError("Segmentation answers need each image's size.")
+        results = []
+        for probability in self.probabilities_at(output, image_sizes):
+            mask = probability > 0.5
+            confidence = float(probability[mask].mean()) if mask.any() else 0.0
+            results.append({"mask": mask.cpu().numpy(), "confidence": confidence, "probability": probability.cpu().numpy()})
+        return results

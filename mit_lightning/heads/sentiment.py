@@ -6,7 +6,7 @@ Loss: RMSE (Eq. 10).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -50,3 +50,7 @@ class SentimentRegression(TaskHead):
 
     def predict(self, output: torch.Tensor, batch: Batch) -> dict[str, Any]:
         return {"prediction": output.float().cpu()}
+
+    def answers(self, output: torch.Tensor, *, image_sizes: Sequence[tuple[int, int]] | None = None,
+                class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        return [{"score": float(score)} for score in output.float().cpu()]

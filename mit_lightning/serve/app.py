@@ -41,7 +41,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mit_lightning.callbacks import contrasting_colour, overlay
+from mit_lightning.data.images import contrasting_colour, overlay
 from mit_lightning.errors import UserError
 from mit_lightning.inference import InputError, InputTooLarge, Predictor, Sample, answer, read_image
 from mit_lightning.serve.batching import DynamicBatcher

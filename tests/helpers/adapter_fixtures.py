@@ -25,7 +25,7 @@ from mit_lightning.inference import build_module
 from mit_lightning.checkpoints import BACKBONES_ENTRY, DATA_SPEC_ENTRY
 from mit_lightning.module import is_trainable_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"
 CLASS_NAMES = ["apple_pie", "beignets", "churros"]
 SEQUENCE_DIMS = {"audio": 5, "facial": 20}  # as the MOSI fixtures (mmsa_fixtures)

@@ -9,7 +9,7 @@ import pytest
 
 from mit_lightning.cli import main
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 
 #: a paper config shrunk to the tiny random LLM on CPU for one quick epoch
 TINY_LLM = [
