@@ -22,10 +22,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from mit_lightning.callbacks import contrasting_colour, overlay
 from mit_lightning.data.classification import ImageTextDataset
 from mit_lightning.data.configured import build_datamodule
-from mit_lightning.data.images import UnreadableImage
+from mit_lightning.data.images import UnreadableImage, contrasting_colour, overlay
 from mit_lightning.data.mmsa import MMSASplit
 from mit_lightning.data.refer import ReferringSegmentationDataset
 from mit_lightning.errors import make_folder
@@ -103,8 +102,7 @@ def setup_warnings() -> Iterator[list[str]]:
     """The warnings the project's modules log within the block (what setup excluded or repaired), collected
     instead of printed."""
     notes: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: notes.append(record.getMessage())
+    handler = _Collect(notes)
     logger = logging.getLogger("mit_lightning")
     propagate, logger.propagate = logger.propagate, False
     logger.addHandler(handler)
@@ -113,6 +111,15 @@ def setup_warnings() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+
+
+class _Collect(logging.Handler):
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(record.getMessage())
 
 
 # --- counts ---------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classification_fixtures import write_food101
-from cli_helpers import fails_at_once
-from headless_chromium import Chromium
+from helpers.classification_fixtures import write_food101
+from helpers.cli_helpers import fails_at_once
+from helpers.headless_chromium import Chromium
+from helpers.mmsa_fixtures import write_mmsa
 from mit_lightning.check_data import score_summary
 from mit_lightning.cli import cli_main
-from mmsa_fixtures import write_mmsa
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_SIZES = ["--data.train_images", "6", "--data.val_images", "2", "--data.test_images", "3"]

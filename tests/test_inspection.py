@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli_helpers import fails_at_once
+from helpers.cli_helpers import fails_at_once
 from mit_lightning.adapters import read_adapter
 from mit_lightning.cli import cli_main
 from mit_lightning.inference import build_module
