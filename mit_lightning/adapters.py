@@ -41,7 +41,7 @@ from mit_lightning.checkpoints import (
 )
 from mit_lightning.config_safety import check_stored_config
 from mit_lightning.data.base import DataSpec
-from mit_lightning.errors import UserError, make_folder, user_error_in
+from mit_lightning.errors import UserError, make_folder
 from mit_lightning.registry import registered_class
 
 EXPORT_CONFIG = "adapter_config.json"
@@ -131,19 +131,14 @@ def spec_from_data_config(data: dict[str, Any] | None, path: Path) -> DataSpec:
 
     That needs the data it reads (class names, feature sizes); the config was checked before.
     """
-    from jsonargparse import ArgumentParser
-
-    from mit_lightning.data.base import MiTDataModule
+    from mit_lightning.data.configured import build_datamodule
 
     if not data:
         raise UserError(f"'{path}' records neither its data spec nor its data config; it cannot be used on new inputs.")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(MiTDataModule, "data")
     try:
-        datamodule = parser.instantiate(parser.parse_object({"data": data})).data
-        return datamodule.spec
-    except (UserError, ValueError, TypeError) as error:
-        reason = user_error_in(error) or error
+        return build_datamodule(data).spec
+    except UserError as error:
+        reason = error
     raise UserError(f"'{path}' predates recorded data specs, so the data it was trained on is read for its classes, "
                     f"feature sizes and prompt, and that failed: {str(reason).splitlines()[0]} Make that data "
                     "available, or use a checkpoint written by a newer `mit fit`.")

@@ -64,6 +64,10 @@ OTHER_COMMANDS = {
                                              "the paper's"),
     "serve": ("mit_lightning.serve.cli", "serve trained models over HTTP, with a web page to try them"),
     "export": ("mit_lightning.export", "write a checkpoint's trained weights and config as a folder to share"),
+    "inspect": ("mit_lightning.inspection", "draw a trained MiT model's gates and infusion sizes per layer and head as "
+                                            "PNG charts"),
+    "check-data": ("mit_lightning.check_data", "print a config's data splits (counts, labels, what setup excluded) "
+                                               "and draw random samples of each as PNG"),
 }
 
 

@@ -29,7 +29,7 @@ def _tensorboard(trainer):
     return experiment if trainer.is_global_zero and hasattr(experiment, "add_figure") else None
 
 
-def _close(figure) -> None:
+def close_figure(figure) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -65,10 +65,10 @@ class PredictionPreviews(Callback):
         figure = DRAW[task](pl_module, output, batch)
         if figure is not None:
             experiment.add_figure(f"previews/{task}", figure, global_step=trainer.global_step)
-            _close(figure)
+            close_figure(figure)
 
 
-def _grid(count: int):
+def grid(count: int):
     import matplotlib.pyplot as plt
 
     columns = min(count, 4)
@@ -85,7 +85,7 @@ def _draw_segmentation(pl_module, output, batch) -> Any:
 
     masks = pl_module.head.masks(output, batch["mask"])
     ious = per_sample_iou(mask_statistics(masks, batch["mask"])).tolist()
-    figure, axes = _grid(len(masks))
+    figure, axes = grid(len(masks))
     for axis, mask, truth, path, sentence, iou in zip(axes, masks, batch["mask"], batch["image_path"],
                                                      batch["sentence"], ious):
         mask, truth = mask.cpu().numpy().astype(bool), truth.cpu().numpy().astype(bool)
@@ -102,7 +102,7 @@ def _draw_segmentation(pl_module, output, batch) -> Any:
 def _draw_classification(pl_module, output, batch) -> Any:
     names = (pl_module.data_spec.class_names if pl_module.data_spec else None) or None
     predicted = pl_module.head.predict(output, batch)["prediction"].tolist()
-    figure, axes = _grid(len(predicted))
+    figure, axes = grid(len(predicted))
     label = (lambda index: names[index] if names else str(index))
     for axis, image, text, guess, truth in zip(axes, batch["image"], batch["text"], predicted, batch["label"].tolist()):
         pixels = image.float().cpu()
@@ -171,4 +171,4 @@ def log_infusion(experiment, summary: dict[str, dict[str, torch.Tensor]], step: 
             continue
         figure = draw(summary)
         experiment.add_figure(f"mit/{name}", figure, step)
-        _close(figure)
+        close_figure(figure)

@@ -180,7 +180,8 @@ def test_help_lists_the_commands_beside_lightnings(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     commands = capsys.readouterr().out.split("other commands:")[1]
-    assert [line.split()[0] for line in commands.strip().splitlines()] == ["bench", "compare", "reproduce", "serve", "export"]
+    assert [line.split()[0] for line in commands.strip().splitlines()] == [
+        "bench", "compare", "reproduce", "serve", "export", "inspect", "check-data"]
 
 
 def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeypatch, capsys):
