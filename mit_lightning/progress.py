@@ -74,6 +74,10 @@ class LineProgress(ProgressBar):
         self._samples += len(prompts) if prompts is not None else 0
 
     # --- training ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A run resumed mid-epoch starts there, without an epoch start: its clock starts with the fit."""
+        self._start()
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start()
 

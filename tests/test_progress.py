@@ -45,3 +45,17 @@ def test_a_long_epoch_also_leaves_a_line_every_n_batches(tmp_path: Path):
                              "--trainer.callbacks.every_n_steps", "1")
     assert re.search(r"^epoch 1/1 batch 1/\d+ \(step 1\), [\d.]+ it/s, [\d.]+ samples/s  train/loss", output, re.MULTILINE)
     assert re.search(r"^epoch 1/1 done: \d+ batches", output, re.MULTILINE)
+
+
+def test_a_run_resumed_mid_epoch_measures_its_speed_from_its_own_start():
+    """Resumed mid-epoch, Lightning calls no epoch start: the speed must not be measured from the clock's zero."""
+    import time
+
+    from mit_lightning.progress import LineProgress
+
+    progress = LineProgress()
+    time.sleep(0.01)
+    progress.on_train_start(trainer=None, pl_module=None)
+    progress._count({"prompt": ["a", "b"]})
+    seconds = 2 / float(progress._speed().split(", ")[1].split()[0])
+    assert seconds < 5  # measured from the fit's start, not from perf_counter's zero (hours ago)
