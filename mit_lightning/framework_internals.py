@@ -13,7 +13,7 @@ CHECKED_ON = {"torch": "2.14.1", "transformers": "5.24.0", "lightning": "2.6.6",
 
 @dataclass(frozen=True)
 class Internal:
-    owner: str  # "module:qualified.name" of the class or object that has the attribute
+    owner: str  # "module:qualified.name" of the class or object that has the attribute, or "module" itself
     attribute: str
     used_in: str
     why: str
@@ -35,4 +35,6 @@ INTERNALS = (
              "counting hooks proves a fusion left a shared LLM as it found it", on_instance=True),
     Internal("torch.nn:Module", "_forward_pre_hooks", "inference.py",
              "as _forward_hooks", on_instance=True),
+    Internal("torch", "_foreach_copy_", "master_weights.py",
+             "every bf16 weight and its float32 copy in one kernel each way on a GPU (torch.optim's own tool)"),
 )

@@ -16,6 +16,7 @@ from typing import Any, Callable, Collection, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -34,11 +35,13 @@ from mit_lightning.checkpoints import (
     load_weights_file,
 )
 from mit_lightning.compiling import Compile, compile_model, pad_to_bucket
+from mit_lightning.compute_dtype import cast_parameters
 from mit_lightning.data.base import DataSpec
 from mit_lightning.errors import UserError, check_choice, expand_env
 from mit_lightning.fusion.base import Fusion, FusionInputs, ModelDims
 from mit_lightning.fusion.mit import MiT
 from mit_lightning.heads.base import TaskHead
+from mit_lightning.master_weights import MasterWeights
 from mit_lightning.metrics.evaluation import EvaluationMetrics, SkippedSamples
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class SequenceEncoderConfig:
 
 #: where the text feature is read: the prompt's last token (the paper) or a trained task token
 TextFeature = Literal["last_token", "task_token"]
+#: the dtype of the trainable weights: float32, or bfloat16 with float32 master copies in the optimizer
+TrainableDType = Literal["float32", "bfloat16"]
 #: batch keys every prediction row carries, to join it back to its dataset: ids, the text the model read, the
 #: true label where the data has one (segmentation's ground truth is the mask, summarised by the row's IoU)
 PREDICTION_PASSTHROUGH = ("index", "ref_id", "sent_id", "id", "image_path", "sentence", "text", "prompt", "label")
@@ -112,6 +117,10 @@ class MiTModule(L.LightningModule):
         compile: torch.compile the frozen LLM's decoder layers (with the fusion's taps), the CLIP blocks and the
             head (`mit_lightning.compiling`): "default" (inductor), "reduce-overhead" (also CUDA graphs),
             "max-autotune"; "none" runs eagerly. Compiled, the text is padded to a multiple of 16 tokens.
+        trainable_dtype: "bfloat16" keeps the trainable weights in bf16 (normalisation layers excepted) so
+            that bf16 autocast has none to cast, while the optimizer updates float32 master copies
+            (`mit_lightning.master_weights`); checkpoints hold the float32 copies. Needs
+            `trainer.precision: bf16-mixed`.
     """
 
     def __init__(
@@ -129,10 +138,13 @@ class MiTModule(L.LightningModule):
         allow_other_backbones: bool = False,
         head_lr_scale: float = 1.0,
         compile: Compile = "none",
+        trainable_dtype: TrainableDType = "float32",
     ) -> None:
         super().__init__()
         check_choice("model.text_feature", text_feature, TextFeature)
         check_choice("model.compile", compile, Compile)
+        check_choice("model.trainable_dtype", trainable_dtype, TrainableDType)
+        self.trainable_dtype = trainable_dtype
         self.compile_mode = compile  # not `self.compile`: that is nn.Module's method
         self.init_weights = init_weights
         if not head_lr_scale > 0:
@@ -176,6 +188,8 @@ class MiTModule(L.LightningModule):
         self.head: TaskHead | None = None
         self.eval_metrics = EvaluationMetrics()
         self._skipped = SkippedSamples()
+        self._master_weights: MasterWeights | None = None
+        self._full_precision: dict[str, torch.Tensor] = {}  # a checkpoint's float32 values of bf16 weights
 
     # --- building -------------------------------------------------------------------------------
     @property
@@ -200,10 +214,23 @@ class MiTModule(L.LightningModule):
         )
 
     def configure_model(self) -> None:
+        if self._trainer is not None:
+            self._check_trainer()
         if self.llm is None:
             self.build(self._data_spec())
             if self.init_weights and self._trainer is not None and self._trainer.state.fn == "fit":
                 self.load_trainable_weights(self.init_weights)
+
+    def _check_trainer(self) -> None:
+        if self.trainable_dtype == "float32":
+            return
+        if self._trainer.precision != "bf16-mixed":
+            raise UserError(f"model.trainable_dtype {self.trainable_dtype} runs under bf16 autocast, but "
+                            f"trainer.precision is {self._trainer.precision}: set --trainer.precision bf16-mixed, "
+                            "or model.trainable_dtype float32.")
+        if isinstance(self._trainer.strategy, FSDPStrategy):
+            raise UserError("model.trainable_dtype bfloat16 is for single-device and DDP runs; FSDP keeps its own "
+                            "parameter dtypes (its mixed_precision setting): use model.trainable_dtype float32.")
 
     def _data_spec(self) -> DataSpec:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -244,6 +271,8 @@ class MiTModule(L.LightningModule):
             self.task_token = TaskToken(self.llm.model.get_input_embeddings())
         self.head = self.head_factory(dims)
         self.eval_metrics = EvaluationMetrics(self.head.make_metrics, spec.eval_splits)
+        if self.trainable_dtype == "bfloat16":
+            cast_parameters(self, set(self.trainable_state()), torch.bfloat16)
         compile_model(self, self.compile_mode)
 
     @property
@@ -255,9 +284,12 @@ class MiTModule(L.LightningModule):
         """Names of the LoRA weights a fusion method added inside the frozen LLM."""
         return lora_parameter_names(self.llm, prefix="llm") if self.llm is not None else set()
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         lora = self.lora_names()
-        return [p for name, p in self.named_parameters() if is_trainable_key(name, lora) and p.requires_grad]
+        return [(name, p) for name, p in self.named_parameters() if is_trainable_key(name, lora) and p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for _, parameter in self.named_trainable_parameters()]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What checkpoints hold: the state of everything that is not frozen (trainable or not in this stage)."""
@@ -383,7 +415,23 @@ class MiTModule(L.LightningModule):
         return [{"name": name, "params": params} for name, params in groups.items() if params]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        groups = self.parameter_groups()
+        if self.trainable_dtype != "float32":
+            # full precision from a checkpoint just loaded, else from the copies of an earlier fit of this module
+            initial = self._full_precision or (self._master_weights.state() if self._master_weights else {})
+            if self._master_weights is not None:
+                self._master_weights.detach()
+            self._master_weights = masters = MasterWeights(self.named_trainable_parameters(), initial)
+            self._full_precision = {}
+            groups = masters.optimized_groups(groups)
+        optimizer = self.optimizer_factory(groups)
+        trainer = self._trainer
+        if (trainer is not None and trainer.gradient_clip_val and str(trainer.precision).endswith("-mixed")
+                and optimizer.defaults.get("fused")):
+            raise UserError(f"trainer.gradient_clip_val under trainer.precision {trainer.precision} needs an optimizer "
+                            "that is not fused (Lightning refuses to clip then): add --model.optimizer.fused false.")
+        if self._master_weights is not None:
+            self._master_weights.attach(optimizer)
         for group in optimizer.param_groups:  # before the scheduler reads the initial rates
             if group.get("name") == "head":
                 group["lr"] = group["lr"] * self.head_lr_scale
@@ -393,10 +441,16 @@ class MiTModule(L.LightningModule):
         interval = getattr(scheduler, "interval", "epoch")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._master_weights is not None:  # before clipping, which reads the optimizer's parameters
+            self._master_weights.take_gradients()
+
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         lora = self.lora_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_trainable_key(k, lora)}
+        if self._master_weights is not None:  # the float32 values, not their bf16 rounding
+            checkpoint["state_dict"].update(self._master_weights.state())
         checkpoint[BACKBONES_ENTRY] = self.backbones
         if self.data_spec is not None:
             checkpoint[DATA_SPEC_ENTRY] = self.data_spec.to_record()
@@ -411,6 +465,7 @@ class MiTModule(L.LightningModule):
         if "state_dict" not in checkpoint:
             return
         check_trainable_fit(checkpoint["state_dict"], self.trainable_state(), "The checkpoint")
+        self._remember_full_precision(checkpoint["state_dict"])
 
     def load_trainable_weights(self, path: str) -> None:
         """Start from the trainable weights of a `mit fit` checkpoint (`init_weights`); nothing else is restored."""
@@ -421,6 +476,7 @@ class MiTModule(L.LightningModule):
         saved = checkpoint["state_dict"]
         check_recorded_backbones(checkpoint, self.backbones, f"model.init_weights '{path}'", self.allow_other_backbones)
         self.load_trainable_state(saved, f"model.init_weights '{path}'")
+        self._remember_full_precision(saved)
         rank_zero_info(f"Trainable weights initialised from {path} ({len(saved)} tensors); optimizer and epoch start afresh.")
 
     def load_trainable_state(self, saved: dict[str, torch.Tensor], source: str) -> None:
@@ -428,3 +484,10 @@ class MiTModule(L.LightningModule):
         them in the error); the frozen backbones are not in them."""
         check_trainable_fit(saved, self.trainable_state(), source)
         self.load_state_dict(saved, strict=False)
+
+    def _remember_full_precision(self, saved: dict[str, torch.Tensor]) -> None:
+        """Keep the float32 values of weights this model holds in bf16, for the optimizer's master copies."""
+        if self.trainable_dtype != "float32":
+            parameters = dict(self.named_parameters())
+            self._full_precision = {name: value for name, value in saved.items()
+                                    if name in parameters and parameters[name].dtype != value.dtype}

@@ -60,7 +60,7 @@ class PredictionPreviews(Callback):
             return
         batch = {key: value.to(pl_module.device) if isinstance(value, torch.Tensor) else value
                  for key, value in batch.items()}
-        with torch.no_grad():
+        with torch.no_grad(), trainer.precision_plugin.forward_context():  # as validation runs the model
             output = pl_module(batch)
         figure = DRAW[task](pl_module, output, batch)
         if figure is not None:

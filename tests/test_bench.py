@@ -65,7 +65,7 @@ def test_ratio_line_relates_the_cases(tiny_run):
     _, lines = tiny_run
     ratios = lines[-1]
     by_case = {(line["case"], line["batch"]): line for line in lines[:-1]}
-    assert ratios["case"] == "ratios" and RATIO_KEYS | {"case", "scale", "device", "precision", "text_length", "machine", "targets"} == set(ratios)
+    assert ratios["case"] == "ratios" and RATIO_KEYS | {"case", "scale", "device", "precision", "trainable_dtype", "text_length", "machine", "targets"} == set(ratios)
     assert ratios["targets"] is None  # defined for 7B shapes on a GPU only
     for batch in ("2", "4"):
         expected = by_case["mit_train", int(batch)]["ms"] / by_case["floor", int(batch)]["ms"]
@@ -213,6 +213,11 @@ def test_7b_llm_is_built_on_the_context_device_in_bf16():
 def test_7b_needs_a_gpu_and_says_nothing_was_measured():
     with pytest.raises(UserError, match="on a CUDA GPU, and there is none here: nothing was measured"):
         bench.main(["--scale", "7b", "--device", "cpu"])
+
+
+def test_bf16_trainable_weights_without_bf16_autocast_are_refused_before_anything_runs():
+    with pytest.raises(UserError, match="--trainable-dtype bfloat16 runs under bf16 autocast: add --precision bf16-mixed"):
+        bench.main(["--scale", "tiny", "--device", "cpu", "--precision", "32", "--trainable-dtype", "bfloat16"])
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mit_lightning"
 
 
 def resolve(owner: str):
-    module, qualified_name = owner.split(":")
-    return reduce(getattr, qualified_name.split("."), importlib.import_module(module))
+    module, _, qualified_name = owner.partition(":")
+    return reduce(getattr, filter(None, qualified_name.split(".")), importlib.import_module(module))
 
 
 @pytest.mark.parametrize("internal", INTERNALS, ids=lambda internal: f"{internal.owner}.{internal.attribute}")

@@ -79,6 +79,7 @@ def training_step(module: MiTModule, optimizer: torch.optim.Optimizer, batch: di
     with _autocast(module.device, precision):
         loss = module.training_step(batch, 0)
     loss.backward()
+    module.on_before_optimizer_step(optimizer)  # as Lightning calls it: bf16 weights' gradients move to their copies
     optimizer.step()
 
 
@@ -102,7 +103,8 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
     """floor, mit_train and mit_inference on one MiT model per compile mode, then each other strategy's training
     step (eager)."""
     for mode in args.compile:
-        module = build_module(scale, strategies["mit"].factory(scale), args.text_length, device, compile=mode)
+        module = build_module(scale, strategies["mit"].factory(scale), args.text_length, device, compile=mode,
+                              trainable_dtype=args.trainable_dtype)
         run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers), mode=mode)
         module.eval()
         dtype = inference_dtype(args.precision)
@@ -118,7 +120,8 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
     for strategy in args.strategies:
         if strategy == "mit":
             continue
-        module = build_module(scale, strategies[strategy].factory(scale), args.text_length, device)
+        module = build_module(scale, strategies[strategy].factory(scale), args.text_length, device,
+                              trainable_dtype=args.trainable_dtype)
         run_training_cases(report, module, f"{strategy}_train", scale, args)
         del module
         release(device)

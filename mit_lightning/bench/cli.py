@@ -22,6 +22,7 @@ from mit_lightning.bench.weights import weight_memory_lines
 from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
 from mit_lightning.measuring import positive_int
+from mit_lightning.module import TrainableDType
 from mit_lightning.scales import SCALES
 
 
@@ -79,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         help="dtype of the frozen backbones (default: the scale's; tiny and small float32, 7b "
                              "bfloat16); e.g. --scale tiny --dtype bfloat16 --precision bf16-mixed counts a bf16 "
                              "run's casts on a CPU")
+    parser.add_argument("--trainable-dtype", choices=get_args(TrainableDType), default="float32",
+                        help="model.trainable_dtype: bfloat16 keeps the trainable weights in bf16 with float32 copies in "
+                             "the optimizer (needs --precision bf16-mixed)")
     parser.add_argument("--no-data-loading", dest="data_loading", action="store_false",
                         help="skip the data-loading case")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
@@ -114,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.compile = list(dict.fromkeys(args.compile or scale.compile))
     device = _device(args.device, args.scale)
     args.precision = args.precision or default_precision(device)
+    if args.trainable_dtype != "float32" and args.precision != "bf16-mixed":
+        raise UserError(f"--trainable-dtype {args.trainable_dtype} runs under bf16 autocast: add --precision bf16-mixed.")
     output = open(args.output, "w") if args.output is not None else None
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        report = Report(args.scale, device, args.text_length, args.steps, output, args.precision)
+        report = Report(args.scale, device, args.text_length, args.steps, output, args.precision, args.trainable_dtype)
         with warnings.catch_warnings():
             # training_step logs its loss; without a Trainer, Lightning only warns that nothing is logged
             warnings.filterwarnings("ignore", message=r".*self\.log\(\)` but the `self\.trainer` reference")

@@ -25,8 +25,8 @@ class Report:
     """Prints one JSON line per case (and writes it to `output`), keeping the records for the ratios."""
 
     def __init__(self, scale: str, device: torch.device, text_length: int, steps: int, output: TextIO | None,
-                 precision: str = "32") -> None:
-        self.common = {"scale": scale, "device": device.type, "precision": precision}
+                 precision: str = "32", trainable_dtype: str = "float32") -> None:
+        self.common = {"scale": scale, "device": device.type, "precision": precision, "trainable_dtype": trainable_dtype}
         self.text_length = text_length
         self.steps = steps
         self.output = output
