@@ -193,6 +193,36 @@ def test_a_run_stopped_again_and_again_exits_at_once_each_time_and_ends_as_the_u
     assert_same_training_state(final_state(tmp_path, "sweep"), reference)
 
 
+#: validation twice an epoch (7 steps of 8 samples: after steps 3 and 6 of each), each followed by a best checkpoint
+MID_EPOCH_VALIDATION = ["--trainer.val_check_interval", "0.5", "--data.batch_size", "8"]
+#: stops of one such run, as STOPS: in a mid-epoch validation, twice inside the best checkpoint written after one,
+#: Ctrl-C in the epoch's second validation, then mid-epoch training
+MID_EPOCH_STOPS = [
+    ("TERM", "validation", 3, 1, 143, 3),
+    ("TERM", "save", 10, 2, 143, 10),
+    ("INT", "validation", 13, 1, 130, 13),
+    ("TERM", "train", 17, 1, 143, 17),
+]
+
+
+@pytest.mark.slow
+def test_a_run_validating_mid_epoch_stopped_anywhere_ends_as_the_uninterrupted_one(tmp_path):
+    reference = run(tmp_path, "reference", *MID_EPOCH_VALIDATION)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    resume: list[str] = []
+    for signal_name, during, step, times, exit_code, saved in MID_EPOCH_STOPS:
+        stopped = run(tmp_path, "stopped", *MID_EPOCH_VALIDATION, *resume,
+                      "--trainer.callbacks+=helpers.signal_helpers.SignalAtStep", "--trainer.callbacks.step", str(step),
+                      "--trainer.callbacks.signal_name", signal_name, "--trainer.callbacks.during", during,
+                      "--trainer.callbacks.times", str(times))
+        assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+        assert f"Stopped by SIG{signal_name}" in stopped.stderr and f"step {saved})" in stopped.stderr
+        resume = ["--ckpt_path", "last"]
+    resumed = run(tmp_path, "stopped", *MID_EPOCH_VALIDATION, *resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(final_state(tmp_path, "stopped"), final_state(tmp_path, "reference"))
+
+
 @pytest.mark.slow
 def test_a_job_whose_whole_process_group_is_terminated_stops_cleanly_and_resumes_exactly(uninterrupted):
     """Schedulers signal every process of a job: the dataloader workers leave SIGTERM to the main process."""
