@@ -7,7 +7,8 @@ the model, in files anyone can read without running code:
     adapter_config.json    the model config (backbones, fusion, head), the data spec (class names,
                            feature sizes, prompt format), the backbones' paths and fingerprints,
                            the precision it was trained in
-    adapter.safetensors    the trainable weights
+    adapter.safetensors    the trainable weights (their SHA-256 is in adapter_config.json: a file damaged
+                           or changed after export is refused, not loaded with other weights)
     README.md              a model card: backbones, model, data, the run's test metrics, how to load it
 
 Both are read into the same `Adapter`; `mit_lightning.inference` rebuilds the model from it. Every
@@ -20,6 +21,7 @@ MEC-Adapters) inside `fusion.pill` and `fusion.modex`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -165,15 +167,38 @@ def read_export(folder: Path, user_args: Sequence[str] = ()) -> Adapter:
                         f"reads version {EXPORT_VERSION}. Export the checkpoint again with this version.")
     check_stored_config({"model": config.get("model"), **({"data": config["data"]} if config.get("data") else {})},
                         config_path, user_args)
+    weights = _load_safetensors(weights_path)  # an unreadable file says so first; safetensors runs no code
+    _check_checksum(weights_path, config.get("weights_sha256"), config_path)
     return Adapter(
         source=folder,
         model=config["model"],
         data_spec=recorded_data_spec(config.get("data_spec"), config_path),
         backbones=recorded_backbones({BACKBONES_ENTRY: config.get("backbones")}, config_path) or {},
-        weights=_load_safetensors(weights_path),
+        weights=weights,
         precision=config.get("precision"),
         data=config.get("data"),
     )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_checksum(weights_path: Path, recorded: Any, config_path: Path) -> None:
+    """The weights file is the one exported with the config (exports written before checksums carry none)."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise UserError(f"'{config_path}' records no valid SHA-256 for the weights (weights_sha256 must be 64 "
+                        "hexadecimal digits). Export the checkpoint again.")
+    if file_sha256(weights_path) != recorded:
+        raise UserError(f"'{weights_path}' is not the weights file exported with '{config_path.name}' (its SHA-256 "
+                        "differs from the one recorded there): it was damaged or changed after export. Export the "
+                        "checkpoint again.")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -230,7 +255,11 @@ def _write_files(adapter: Adapter, folder: Path, weights: dict[str, torch.Tensor
 
     from mit_lightning.model_card import model_card, run_metrics
 
-    _replace(folder / EXPORT_WEIGHTS, lambda partial: save_file(weights, partial, metadata={"format": "pt"}))
+    def write_weights(partial: Path) -> None:
+        save_file(weights, partial, metadata={"format": "pt"})
+        config["weights_sha256"] = file_sha256(partial)
+
+    _replace(folder / EXPORT_WEIGHTS, write_weights)
     text = json.dumps(config, indent=2) + "\n"
     _replace(folder / EXPORT_CONFIG, lambda partial: partial.write_text(text, encoding="utf-8"))
     card = model_card(adapter, folder.name, data, run_metrics(adapter.source))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import stat
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers.adapter_fixtures import shapes_image
 from helpers.cli_helpers import fails_at_once
@@ -145,6 +146,47 @@ def test_an_export_naming_foreign_code_or_with_broken_weights_is_refused(exporte
     (broken / EXPORT_CONFIG).write_text(json.dumps(config))
     with pytest.raises(UserError, match="version 99 of the export format"):
         read_adapter(broken)
+
+
+def test_a_weights_file_changed_after_export_is_refused_not_loaded_with_other_weights(exported, tmp_path):
+    config = json.loads((exported / EXPORT_CONFIG).read_text())
+    assert config["weights_sha256"] == hashlib.sha256((exported / EXPORT_WEIGHTS).read_bytes()).hexdigest()
+    assert read_adapter(exported).weights  # as exported: loads
+    data = bytearray((exported / EXPORT_WEIGHTS).read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for offset in (header, header + (len(data) - header) // 2, len(data) - 1):  # a byte inside the tensors
+        changed = tmp_path / f"changed-{offset}"
+        shutil.copytree(exported, changed)
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        (changed / EXPORT_WEIGHTS).write_bytes(bytes(flipped))
+        assert load_file(changed / EXPORT_WEIGHTS)  # still a readable safetensors file, with other weights
+        with pytest.raises(UserError, match="is not the weights file exported with 'adapter_config.json'.*damaged or "
+                                            "changed after export"):
+            read_adapter(changed)
+    # the weights of another export under this config: refused just the same
+    other = tmp_path / "other"
+    shutil.copytree(exported, other)
+    weights = load_file(exported / EXPORT_WEIGHTS)
+    save_file({name: value + 1 for name, value in weights.items()}, other / EXPORT_WEIGHTS)
+    with pytest.raises(UserError, match="SHA-256 differs"):
+        read_adapter(other)
+
+
+@pytest.mark.parametrize("recorded, loads", [(None, True), ("not a digest", False), (7, False)])
+def test_an_export_without_a_valid_checksum_loads_only_if_it_records_none(exported, tmp_path, recorded, loads):
+    folder = tmp_path / "export"
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    config["weights_sha256"] = recorded
+    if recorded is None:  # written before exports carried checksums
+        del config["weights_sha256"]
+    (folder / EXPORT_CONFIG).write_text(json.dumps(config))
+    if loads:
+        assert read_adapter(folder).weights
+    else:
+        with pytest.raises(UserError, match="records no valid SHA-256"):
+            read_adapter(folder)
 
 
 def test_mit_export_help_lists_its_options(capsys):
