@@ -188,6 +188,7 @@ class MiTModule(L.LightningModule):
         self.head: TaskHead | None = None
         self.eval_metrics = EvaluationMetrics()
         self._skipped = SkippedSamples()
+        self._cut_prompts = {True: 0, False: 0}  # prompts cut to the token limit, in training and in evaluation
         self._master_weights: MasterWeights | None = None
         self._full_precision: dict[str, torch.Tensor] = {}  # a checkpoint's float32 values of bf16 weights
 
@@ -335,6 +336,7 @@ class MiTModule(L.LightningModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         inputs = self.encode_modalities(batch)
         input_ids, attention_mask = self.llm.tokenize(batch["prompt"], self.device)
+        self._cut_prompts[self.training] += self.llm.take_cut_prompts()
         if self.task_token is not None:
             input_ids, attention_mask = self.task_token.append(input_ids, attention_mask)
         if self.compile_mode != "none":  # a few fixed text lengths, not one graph per length
@@ -390,9 +392,17 @@ class MiTModule(L.LightningModule):
             experiment.add_image(name, confusion_matrix_image(matrix.cpu()), global_step=self.global_step)
 
     def _report_skipped(self, stage: str) -> None:
+        """What this stage's epoch dropped (unreadable samples) or cut (prompts over the token limit), once."""
+        stage = {"validate": "validation"}.get(stage, stage)
         message = self._skipped.report(stage)
         if message is not None:
             rank_zero_warn(message)
+        cut, self._cut_prompts[stage == "training"] = self._cut_prompts[stage == "training"], 0
+        if cut:
+            limit = self.llm_config.max_text_tokens
+            rank_zero_warn(f"{cut} {stage} prompts were longer than model.llm.max_text_tokens ({limit} tokens) and lost "
+                           "their beginning (prompts are cut from the left, so the task's end stays). Raise "
+                           "model.llm.max_text_tokens to keep them whole.")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("validate")
@@ -402,6 +412,9 @@ class MiTModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._report_skipped("training")
+
+    def on_predict_epoch_end(self) -> None:
+        self._report_skipped("prediction")
 
     # --- optimisation ---------------------------------------------------------------------------
     def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:

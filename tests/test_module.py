@@ -23,10 +23,9 @@ SPEC = DataSpec(eval_splits={"validate": ["val"], "test": ["testA", "testB"], "p
 def segmentation_module(fusion=partial(MiT, layers=[2, 4]), **kwargs) -> MiTModule:
     module = MiTModule(
         head=partial(ReferringSegmentation, vision_blocks=(4, 2), width=32),
-        llm=LLMConfig(path="tiny", dtype="float32"),
         vision=VisionConfig(name="tiny", weights=None, dtype="float32"),
         fusion=fusion,
-        **kwargs,
+        **{"llm": LLMConfig(path="tiny", dtype="float32"), **kwargs},
     )
     module.build(SPEC)
     return module
@@ -106,6 +105,39 @@ def test_a_batch_emptied_by_unreadable_images_is_skipped_and_reported_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.on_train_epoch_end()  # reported, so the next epoch starts with none
+
+
+def test_prompts_cut_to_the_token_limit_are_counted_and_reported_once_per_stage():
+    limit = 8
+    module = segmentation_module(llm=LLMConfig(path="tiny", dtype="float32", max_text_tokens=limit))
+    tokenizer = module.llm.tokenizer
+    words = "the small red circle on the left next to a big blue square above the green triangle".split()
+    prompts = [" ".join(words[:count]) for count in range(1, 16)]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    assert limit in lengths and min(lengths) < limit < max(lengths)  # below, at and over the limit
+    cut = sum(length > limit for length in lengths)
+
+    input_ids, attention_mask = module.llm.tokenize(prompts, "cpu")
+    assert input_ids.shape[1] == limit
+    longest = tokenizer(prompts[-1])["input_ids"]  # a cut prompt keeps its end, loses its beginning
+    assert input_ids[-1][attention_mask[-1].bool()].tolist()[-3:] == longest[-3:]
+    assert module.llm.take_cut_prompts() == cut and module.llm.take_cut_prompts() == 0
+
+    module.eval()
+    with torch.no_grad():
+        module({**batch(len(prompts)), "prompt": prompts})
+    module.train()
+    with torch.no_grad():
+        module({**batch(2), "prompt": prompts[-2:]})  # two more cut in training, reported apart
+    with pytest.warns(UserWarning, match=f"{cut} validation prompts were longer than model.llm.max_text_tokens "
+                                         r"\(8 tokens\) and lost their beginning"):
+        module._log_eval_metrics("validate")
+    with pytest.warns(UserWarning, match="2 training prompts were longer"):
+        module.on_train_epoch_end()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_train_epoch_end()  # reported, so the next epoch starts with none
+        module._log_eval_metrics("test")
 
 
 # The names metrics are logged under ("val/oIoU" for the first validation split, "test/<split>/oIoU")

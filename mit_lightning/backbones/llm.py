@@ -193,6 +193,7 @@ class FrozenLLM(nn.Module):
         self.config = config
         check_quantization(config.quantization, torch.get_default_device())
         self.tokenizer = self._load_tokenizer()
+        self.cut_prompts = 0  # prompts cut to max_text_tokens since `take_cut_prompts` last asked
         self.model = self._load_model()
         keep_differentiable(self.model)
         self.model.requires_grad_(False)
@@ -274,10 +275,18 @@ class FrozenLLM(nn.Module):
         return self.model.layers
 
     def tokenize(self, prompts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
-        )
+        limit = self.config.max_text_tokens
+        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        at_limit = (encoded["attention_mask"].sum(dim=1) >= limit).nonzero().flatten().tolist()
+        if at_limit:  # rare: only prompts that fill the limit are tokenized again, whole, to see if they were cut
+            whole = self.tokenizer([prompts[index] for index in at_limit], verbose=False)["input_ids"]
+            self.cut_prompts += sum(len(ids) > limit for ids in whole)
         return _to_device(encoded["input_ids"], device), _to_device(encoded["attention_mask"], device)
+
+    def take_cut_prompts(self) -> int:
+        """How many prompts lost their beginning to max_text_tokens since the last call."""
+        count, self.cut_prompts = self.cut_prompts, 0
+        return count
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
