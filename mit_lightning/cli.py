@@ -383,6 +383,7 @@ def _quiet_known_warnings() -> None:
     # Lightning's own use of a torch API torch deprecated; nothing a user of `mit` can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger(LIGHTNING_INFO_LOGGER).addFilter(_no_advertisements)
+    logging.getLogger(BITSANDBYTES_INT8_LOGGER).addFilter(_INT8_CAST_ONCE)
 
 
 #: the logger Lightning's rank-zero messages come from
@@ -392,6 +393,28 @@ LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 def _no_advertisements(record: logging.LogRecord) -> bool:
     """Lightning's suggestions to install its cloud services ("💡 Tip: ...") are not printed."""
     return not record.getMessage().startswith("💡 Tip")
+
+
+#: the logger of bitsandbytes' 8-bit matmul, which says at every call of every int8 layer that it casts its input
+BITSANDBYTES_INT8_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class FirstOnly(logging.Filter):
+    """Lets the first record whose message starts with `prefix` through, and no later one."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+_INT8_CAST_ONCE = FirstOnly("MatMul8bitLt: inputs will be cast")
 
 
 def _close_process_group() -> None:

@@ -190,6 +190,33 @@ def test_an_overlay_given_without_its_task_config_says_to_give_one_first(monkeyp
     assert "model.head" in error and "Give a task config first" in error and "configs/datasets/*.yaml" in error
 
 
+def test_bitsandbytes_int8_cast_message_is_printed_once_not_at_every_layer_call(caplog):
+    from mit_lightning.cli import (BITSANDBYTES_INT8_LOGGER, LIGHTNING_INFO_LOGGER, FirstOnly, _no_advertisements,
+                                   _quiet_known_warnings)
+
+    log = logging.getLogger(BITSANDBYTES_INT8_LOGGER)
+    with warnings.catch_warnings():
+        _quiet_known_warnings()  # as `mit` starts
+    logging.getLogger(LIGHTNING_INFO_LOGGER).removeFilter(_no_advertisements)
+    installed = [item for item in log.filters if isinstance(item, FirstOnly)]
+    assert [item.prefix for item in installed] == ["MatMul8bitLt: inputs will be cast"]
+    for item in installed:
+        log.removeFilter(item)
+    once = FirstOnly("MatMul8bitLt: inputs will be cast")
+    log.addFilter(once)
+    try:
+        with caplog.at_level(logging.WARNING, logger=BITSANDBYTES_INT8_LOGGER):
+            for _ in range(3):
+                log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+            log.warning("something else")
+            log.warning("something else")
+    finally:
+        log.removeFilter(once)
+    assert [record.getMessage() for record in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+        "something else", "something else"]
+
+
 def test_the_command_prints_no_lightning_advertisement_nor_its_torch_deprecation(caplog):
     from lightning.pytorch.utilities import rank_zero_info
 
