@@ -205,6 +205,12 @@ class MiTCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._keep_latest_checkpoint()
+        self.config_init["test"]["verbose"] = self._lightning_table_fits()
+
+    def _lightning_table_fits(self) -> bool:
+        """Lightning's table of test results has a column per test split but puts every split's metrics in every
+        column; with several splits only `after_test`'s summary (a line per split) is printed."""
+        return len(getattr(self.datamodule, "test_splits", ())) <= 1
 
     def instantiate_classes(self) -> None:
         try:
@@ -250,7 +256,8 @@ class MiTCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None,
+                          verbose=self._lightning_table_fits())
         self.after_test()
 
     def after_test(self) -> None:

@@ -222,7 +222,7 @@ def test_segmentation_loss_on_masks_of_different_sizes_is_the_mean_of_per_sample
     torch.testing.assert_close(head.loss(logits, {"mask": mixed}), torch.stack(per_sample).mean())
 
 
-def test_fit_and_test_at_original_size_with_mixed_image_sizes_and_an_unreadable_image(tmp_path):
+def test_fit_and_test_at_original_size_with_mixed_image_sizes_and_an_unreadable_image(tmp_path, capsys):
     """End to end: evaluation batches mix 40×40 and 48×32 images; one test image is truncated."""
     fixture = write_refer_fixture(tmp_path / "data")
     splits = {0: "val", 1: "val", 2: "val", 3: "val", 4: "testA", 5: "testA"}  # images 1, 2 | 3, 4
@@ -249,6 +249,9 @@ def test_fit_and_test_at_original_size_with_mixed_image_sizes_and_an_unreadable_
     reports = [str(w.message) for w in caught if "skipped because their image could not be read" in str(w.message)]
     assert reports == [f"1 test samples were skipped because their image could not be read (first: {truncated}). "
                        "Re-extract or remove those files."]
+    # two test splits: one line of results each, not Lightning's table, which repeats every split's metrics per column
+    printed = capsys.readouterr().out
+    assert "Test results:\n  testA: " in printed and "\n  val: " in printed and "DataLoader 1" not in printed
 
 
 def test_prompt_reads_sent_lower_cased_and_raw_as_typed(refer, tokenizer):
