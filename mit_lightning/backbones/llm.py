@@ -276,12 +276,12 @@ class FrozenLLM(nn.Module):
 
     def tokenize(self, prompts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         limit = self.config.max_text_tokens
-        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        at_limit = (encoded["attention_mask"].sum(dim=1) >= limit).nonzero().flatten().tolist()
+        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=limit)  # lists: no tensor to read
+        at_limit = [prompt for prompt, mask in zip(prompts, encoded["attention_mask"]) if sum(mask) >= limit]
         if at_limit:  # rare: only prompts that fill the limit are tokenized again, whole, to see if they were cut
-            whole = self.tokenizer([prompts[index] for index in at_limit], verbose=False)["input_ids"]
-            self.cut_prompts += sum(len(ids) > limit for ids in whole)
-        return _to_device(encoded["input_ids"], device), _to_device(encoded["attention_mask"], device)
+            self.cut_prompts += sum(len(ids) > limit for ids in self.tokenizer(at_limit, verbose=False)["input_ids"])
+        return (_to_device(torch.tensor(encoded["input_ids"]), device),
+                _to_device(torch.tensor(encoded["attention_mask"]), device))
 
     def take_cut_prompts(self) -> int:
         """How many prompts lost their beginning to max_text_tokens since the last call."""
