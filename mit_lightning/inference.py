@@ -46,7 +46,7 @@ from mit_lightning.backbones.fingerprint import check_same_backbones
 from mit_lightning.backbones.llm import FrozenLLM
 from mit_lightning.backbones.vision import FrozenCLIP
 from mit_lightning.compiling import Compile
-from mit_lightning.compute_dtype import cast_parameters, inference_dtype
+from mit_lightning.compute_dtype import inference_dtype
 from mit_lightning.data.base import collate
 from mit_lightning.data.images import DECODE_ERRORS, ImageTooLarge, load_rgb, to_square_tensor
 from mit_lightning.errors import UserError, user_error_in
@@ -408,9 +408,7 @@ def load_adapters(
             check_same_backbones(adapter.backbones, module.backbones, f"'{adapter.source}'", BACKBONE_HINT)
         module.load_trainable_state(adapter.weights, "The checkpoint")
         module.to(device).eval()
-        dtype = inference_dtype(adapter.precision)
-        if dtype is not None:  # cast once here, not at every forward pass
-            cast_parameters(module, set(module.trainable_state()), dtype)
+        module.cast_trainable(inference_dtype(adapter.precision))  # once here, not at every forward pass
         predictors[name] = Predictor(name, module, backbones, adapter.source, adapter.precision)
     return predictors
 

@@ -273,7 +273,7 @@ class MiTModule(L.LightningModule):
         self.head = self.head_factory(dims)
         self.eval_metrics = EvaluationMetrics(self.head.make_metrics, spec.eval_splits)
         if self.trainable_dtype == "bfloat16":
-            cast_parameters(self, set(self.trainable_state()), torch.bfloat16)
+            self.cast_trainable(torch.bfloat16)
         compile_model(self, self.compile_mode)
 
     @property
@@ -291,6 +291,12 @@ class MiTModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for _, parameter in self.named_trainable_parameters()]
+
+    def cast_trainable(self, dtype: torch.dtype | None) -> None:
+        """The trainable weights in `dtype`, normalisation layers' excepted (`mit_lightning.compute_dtype`); None
+        leaves them as they are."""
+        if dtype is not None:
+            cast_parameters(self, set(self.trainable_state()), dtype)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What checkpoints hold: the state of everything that is not frozen (trainable or not in this stage)."""

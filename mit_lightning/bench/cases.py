@@ -19,7 +19,7 @@ from mit_lightning.bench.measure import measure
 from mit_lightning.bench.report import Report
 from mit_lightning.bench.strategies import Strategy
 from mit_lightning.compiling import Compile
-from mit_lightning.compute_dtype import cast_parameters, inference_dtype
+from mit_lightning.compute_dtype import inference_dtype
 from mit_lightning.data.refer import RefCOCODataModule
 from mit_lightning.data.synthetic import write_synthetic_refer
 from mit_lightning.measuring import release
@@ -107,9 +107,7 @@ def run_module_cases(report: Report, scale: Scale, args: argparse.Namespace, dev
                               trainable_dtype=args.trainable_dtype)
         run_training_cases(report, module, "mit_train", scale, args, floor_from=min(scale.layers), mode=mode)
         module.eval()
-        dtype = inference_dtype(args.precision)
-        if dtype is not None:  # as load_model and mit serve run a model trained in this precision
-            cast_parameters(module, set(module.trainable_state()), dtype)
+        module.cast_trainable(inference_dtype(args.precision))  # as load_model and mit serve run such a model
         name = compiled_name("mit_inference", mode)
         for batch_size in sorted({1, *args.batch_sizes}):
             batch = synthetic_batch(module, scale, batch_size, args.text_length, device)
