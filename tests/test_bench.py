@@ -210,9 +210,48 @@ def test_7b_llm_is_built_on_the_context_device_in_bf16():
     assert sum(p.numel() for p in parameters) > 6e9
 
 
-def test_7b_needs_a_gpu_and_says_nothing_was_measured():
-    with pytest.raises(UserError, match="on a CUDA GPU, and there is none here: nothing was measured"):
-        bench.main(["--scale", "7b", "--device", "cpu"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_7b_without_a_gpu_says_nothing_was_measured_and_how_to_count_on_the_cpu():
+    with pytest.raises(UserError, match="there is none here: nothing was measured.*--scale 7b --device cpu to count"):
+        bench.main(["--scale", "7b"])
+
+
+class _Planned(Exception):
+    """Raised in place of building the 7B model: carries what the run was set up to measure."""
+
+
+@pytest.fixture
+def planned_7b_cpu_run(monkeypatch):
+    """`bench.main` as far as the run's plan: the arguments and scale the measured cases would get."""
+    def plan(report, scale, args, device, strategies):
+        raise _Planned(scale, args, device)
+
+    monkeypatch.setattr(bench.cli, "run_module_cases", plan)
+
+    def planned(*argv):
+        with pytest.raises(_Planned) as caught:
+            bench.main(["--scale", "7b", "--device", "cpu", *argv])
+        return caught.value.args
+
+    return planned
+
+
+def test_7b_on_a_cpu_counts_mits_steps_at_batch_8_under_bf16_autocast_once_each(planned_7b_cpu_run, monkeypatch):
+    monkeypatch.setattr(bench.cli.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 64 * 2**30}))
+    scale, args, device = planned_7b_cpu_run()
+    assert device.type == "cpu" and scale.llm == "random-llama-2-7b" and scale.dtype == "bfloat16"
+    assert args.strategies == ["mit"] and args.batch_sizes == [8] and args.compile == ["none"]
+    assert (args.steps, args.warmup, args.precision) == (1, 1, "bf16-mixed")
+    scale, args, _ = planned_7b_cpu_run("--batch-sizes", "1", "--steps", "3", "--precision", "32", "--dtype", "float32")
+    assert (args.batch_sizes, args.steps, args.precision, scale.dtype) == ([1], 3, "32", "float32")  # the user's choices
+
+
+def test_7b_on_a_cpu_refuses_peers_and_too_little_memory_before_building_anything(planned_7b_cpu_run, monkeypatch):
+    with pytest.raises(UserError, match=r"measures MiT only, not \['concat'\].*--scale small for the peers"):
+        planned_7b_cpu_run("--strategies", "mit", "concat")
+    monkeypatch.setattr(bench.cli.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * 2**30}))
+    with pytest.raises(UserError, match="needs about 20 GiB of free memory .*; 8.0 GiB are free"):
+        planned_7b_cpu_run()
 
 
 def test_bf16_trainable_weights_without_bf16_autocast_are_refused_before_anything_runs():

@@ -31,7 +31,10 @@ the machine's load affects both alike. On a CPU each case also reports its CPU t
 those are the steady figures. Data loading reports the mean over its timed batches (workers deliver
 them in bursts). On a GPU, steps run under bf16 autocast, like `precision: bf16-mixed` (`--precision`).
 Each case also reports its casts and kernel launches, counted in one more call under torch.profiler
-(`measure.count_operations`). Peak memory:
+(`measure.count_operations`). `--scale 7b --device cpu` counts them at the 7B structure without a GPU
+(MiT only, batch 8, one timed step per case, bf16 autocast like the GPU run): casts are the ones a
+GPU run makes; a CPU's operator calls stand for its launches, and its times say nothing of a GPU's, so
+no target is checked. Peak memory:
 over a case's warm-up steps (see `measure.py`); data loading reports none (it happens in the worker
 processes).
 

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence, get_args
 
+import psutil
 import torch
 
 import mit_lightning.bench as package
@@ -23,19 +24,42 @@ from mit_lightning.compiling import Compile
 from mit_lightning.errors import UserError
 from mit_lightning.measuring import positive_int
 from mit_lightning.module import TrainableDType
-from mit_lightning.scales import SCALES
+from mit_lightning.scales import SCALES, Scale
+
+
+#: what a 7B-structure MiT model (bf16 LLaMA-2-7B and ViT-L/14-336, float32 trainable parts with Adam's state) and
+#: its training step at batch 8 hold in host memory, measured on a CPU: 18 GiB, with some room
+CPU_7B_MEMORY_GIB = 20
 
 
 def _device(name: str | None, scale: str) -> torch.device:
+    if name is None and scale == "7b" and not torch.cuda.is_available():
+        raise UserError("--scale 7b measures the 7B targets on a CUDA GPU, and there is none here: nothing was "
+                        "measured and no target can be checked. On a CPU, use --scale small (or tiny), or --scale 7b "
+                        "--device cpu to count the casts and operator calls of MiT's steps at the 7B structure.")
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu "
                         "(--scale tiny or small).")
-    if scale == "7b" and name != "cuda":
-        raise UserError("--scale 7b measures the 7B targets on a CUDA GPU, and there is none here: nothing was "
-                        "measured and no target can be checked (token concatenation alone takes about 33 GiB at "
-                        "batch 8). On a CPU, use --scale small (or tiny).")
     return torch.device(name)
+
+
+def _counting_7b_on_cpu(scale: Scale, args: argparse.Namespace) -> Scale:
+    """The 7B scale on a CPU counts what a GPU run would launch, in one timed step per case: MiT only (token
+    concatenation alone needs about 33 GiB at batch 8), eager, batch 8, under bf16 autocast like the GPU run."""
+    others = [name for name in args.strategies or () if name != "mit"]
+    if others:
+        raise UserError(f"--scale 7b --device cpu measures MiT only, not {others}: the peers' steps at the 7B structure "
+                        "need more host memory than a counting run should take (token concatenation about 33 GiB at "
+                        "batch 8). Leave out --strategies, or use --scale small for the peers.")
+    available = psutil.virtual_memory().available / 2**30
+    if available < CPU_7B_MEMORY_GIB:
+        raise UserError(f"--scale 7b --device cpu needs about {CPU_7B_MEMORY_GIB} GiB of free memory for the bf16 7B model "
+                        f"and its training step; {available:.1f} GiB are free. Use --scale small, or a machine with more "
+                        "memory.")
+    args.strategies = ["mit"]
+    args.precision = args.precision or "bf16-mixed"
+    return dataclasses.replace(scale, batch_sizes=(8,), steps=1, warmup=1, compile=("none",))
 
 
 def _non_negative(text: str) -> int:
@@ -50,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", choices=list(SCALES), default="tiny",
                         help="tiny: the tiny presets (CPU); small: a 16-layer 1024-wide LLaMA shape and CLIP ViT-B/16 "
                              "at 224, random, fp32 (CPU: the frozen backbones dominate a step); 7b: LLaMA-2-7B and CLIP "
-                             "ViT-L/14-336 shapes, random, bf16 (GPU)")
+                             "ViT-L/14-336 shapes, random, bf16 (GPU; with --device cpu: MiT's casts and "
+                             "operator calls at this structure, one step per case, about 20 GiB of memory)")
     parser.add_argument("--strategies", nargs="+", default=None,
                         help="fusion strategies whose training step is measured, by overlay name in --peers (and "
                              "pill_stage2_all_patches: PILL on every patch token); mit always is, every ratio refers "
@@ -107,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     scale = SCALES[args.scale]
     if args.dtype is not None:
         scale = dataclasses.replace(scale, dtype=args.dtype)
+    device = _device(args.device, args.scale)
+    if args.scale == "7b" and device.type == "cpu":
+        scale = _counting_7b_on_cpu(scale, args)
     args.batch_sizes = sorted(set(args.batch_sizes or scale.batch_sizes))
     args.steps = args.steps or scale.steps
     args.warmup = scale.warmup if args.warmup is None else args.warmup
@@ -116,7 +144,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"Unknown strategies {unknown}; those in '{args.peers}': {', '.join(strategies)}.")
     args.strategies = ["mit", *(name for name in dict.fromkeys(args.strategies or strategies) if name != "mit")]
     args.compile = list(dict.fromkeys(args.compile or scale.compile))
-    device = _device(args.device, args.scale)
     args.precision = args.precision or default_precision(device)
     if args.trainable_dtype != "float32" and args.precision != "bf16-mixed":
         raise UserError(f"--trainable-dtype {args.trainable_dtype} runs under bf16 autocast: add --precision bf16-mixed.")
