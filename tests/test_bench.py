@@ -305,3 +305,32 @@ def test_an_unknown_strategy_is_one_line_naming_those_there_are(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "Unknown strategies ['pil']" in error and "pill_stage2" in error and "Traceback" not in error
+
+
+def _infusion_maps_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "infusion_maps.py"
+    spec = importlib.util.spec_from_file_location("infusion_maps", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_infusion_maps_benchmark_compares_the_same_maps_and_prints_both_cases(monkeypatch, capsys):
+    script = _infusion_maps_script()
+    maps, width = script.per_layer_maps("tiny")
+    assert len(maps) == 3 * len(scales.SCALES["tiny"].layers)
+    for part in maps:
+        torch.nn.init.normal_(part.weight)
+    joined, vector = script.stacked(maps), torch.randn(3, width)
+    parts = joined(vector).split([part.out_features for part in maps], dim=1)
+    for part, expected in zip(parts, maps):
+        torch.testing.assert_close(part, expected(vector))
+    monkeypatch.setattr("sys.argv", ["infusion_maps.py", "--scale", "tiny", "--device", "cpu", "--steps", "1",
+                                     "--warmup", "0", "--batch-size", "2"])
+    script.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["case"] for line in lines] == ["per_layer", "stacked"]
+    assert all(line["maps"] == len(maps) and line["ms"] > 0 for line in lines)
+    assert lines[1]["launches"] < lines[0]["launches"]
