@@ -87,9 +87,13 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        self.mib = self.so_far()
+
+    def so_far(self) -> float | None:
+        """The peak since the block began, read while it runs."""
         if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / MIB
-            return
+            return torch.cuda.max_memory_allocated(self.device) / MIB
         peak = _status_kib("VmHWM")
-        if self._start_kib is not None and peak is not None:
-            self.mib = max(peak - self._start_kib, 0) / 1024
+        if self._start_kib is None or peak is None:
+            return None
+        return max(peak - self._start_kib, 0) / 1024

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ class TrainingCost(Callback):
       a GPU the peak allocated memory, weights included; on a CPU the rise of the peak resident size).
     - trainable / total parameters of the model.
 
+    A run resumed from a checkpoint continues the figures of the part before it (its step times and
+    peak memory travel in the checkpoint), so they describe the whole run.
+
     Every step waits for the GPU, so add it to measure a run, not to every run.
 
     Args:
@@ -42,10 +47,32 @@ class TrainingCost(Callback):
         self._cpu_times: list[float] = []
         self._start = self._cpu_start = 0.0
         self._memory: PeakMemory | None = None
+        self._earlier_peak_mib: float | None = None  # of the run's part before a resume
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a checkpoint's state is loaded into it
+            self._times, self._cpu_times, self._earlier_peak_mib = [], [], None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._times, self._cpu_times = [], []
         self._memory = PeakMemory(pl_module.device).__enter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"times": list(self._times), "cpu_times": list(self._cpu_times), "peak_memory_mib": self._peak_mib()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        record = state_dict if isinstance(state_dict, dict) else {}
+        times, cpu_times, peak = record.get("times"), record.get("cpu_times"), record.get("peak_memory_mib")
+        if not (_durations(times) and _durations(cpu_times) and len(times) == len(cpu_times)
+                and (peak is None or _durations([peak]))):
+            warnings.warn("The checkpoint's training-cost record is not a list of step times: the cost figures "
+                          "cover only the training after this resume.", stacklevel=2)
+            return
+        self._times, self._cpu_times, self._earlier_peak_mib = list(times), list(cpu_times), peak
+
+    def _peak_mib(self) -> float | None:
+        now = self._memory.so_far() if self._memory is not None else None
+        known = [mib for mib in (self._earlier_peak_mib, now) if mib is not None]
+        return max(known) if known else None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         synchronize(pl_module.device)
@@ -73,8 +100,15 @@ class TrainingCost(Callback):
             "step_cpu_ms": 1000 * statistics.median(cpu_timed) if cpu_timed else None,
             "steps_timed": len(timed),
             "threads": torch.get_num_threads(),
-            "peak_memory_mib": self._memory.mib,
+            "peak_memory_mib": self._peak_mib(),
             "memory_measure": self._memory.measure,
             "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
             "total_parameters": sum(p.numel() for p in parameters),
         }
+
+
+def _durations(values: Any) -> bool:
+    """A list of finite, non-negative numbers (seconds or MiB), as `state_dict` writes them."""
+    return isinstance(values, list) and all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        for value in values)
