@@ -37,5 +37,7 @@ def cast_parameters(module: nn.Module, names: set[str], dtype: torch.dtype) -> i
             full_name = f"{prefix}.{name}" if prefix else name
             if full_name in names and parameter.is_floating_point() and parameter.dtype != dtype:
                 parameter.data = parameter.data.to(dtype)
+                if parameter.grad is not None:  # a gradient of another dtype breaks compiled graphs and optimizers
+                    parameter.grad = parameter.grad.to(dtype)
                 cast += 1
     return cast

@@ -112,3 +112,15 @@ def test_cast_parameters_leaves_other_parameters_and_integers_alone():
     assert model[1].weight.dtype == torch.float32 and model[2].weight.dtype == torch.float32
     assert model.count.dtype == torch.int64
     assert cast_parameters(model, names, torch.bfloat16) == 0  # nothing left to cast
+
+
+def test_a_model_cast_after_training_keeps_each_gradient_in_its_weights_dtype():
+    """A float32 gradient left on a bf16 weight breaks every compiled graph that reads the weight (dynamo:
+    "dtype mismatch between tensor and its gradient") and any optimizer step: `mit bench` casts for its
+    inference case right after its training steps."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model(torch.randn(2, 3)).sum().backward()
+    cast_parameters(model, {"0.weight", "0.bias", "1.weight"}, torch.bfloat16)
+    assert model[0].weight.grad.dtype == torch.bfloat16 and model[1].weight.grad.dtype == torch.float32
+    explanation = torch._dynamo.explain(model[0])(torch.randn(2, 3, dtype=torch.bfloat16))
+    assert explanation.graph_break_count == 0
