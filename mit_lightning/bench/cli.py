@@ -45,8 +45,9 @@ def _device(name: str | None, scale: str) -> torch.device:
 
 
 def _counting_7b_on_cpu(scale: Scale, args: argparse.Namespace) -> Scale:
-    """The 7B scale on a CPU counts what a GPU run would launch, in one timed step per case: MiT only (token
-    concatenation alone needs about 33 GiB at batch 8), eager, batch 8, under bf16 autocast like the GPU run."""
+    """The 7B scale on a CPU counts what a GPU run would launch: MiT only (token concatenation alone needs about
+    33 GiB at batch 8), under bf16 autocast like the GPU run, and unless told otherwise eager, at batch 8, one timed
+    step per case."""
     others = [name for name in args.strategies or () if name != "mit"]
     if others:
         raise UserError(f"--scale 7b --device cpu measures MiT only, not {others}: the peers' steps at the 7B structure "

@@ -62,8 +62,8 @@ class TrainingCost(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         record = state_dict if isinstance(state_dict, dict) else {}
         times, cpu_times, peak = record.get("times"), record.get("cpu_times"), record.get("peak_memory_mib")
-        if not (_durations(times) and _durations(cpu_times) and len(times) == len(cpu_times)
-                and (peak is None or _durations([peak]))):
+        if not (_non_negative_numbers(times) and _non_negative_numbers(cpu_times) and len(times) == len(cpu_times)
+                and (peak is None or _non_negative_numbers([peak]))):
             warnings.warn("The checkpoint's training-cost record is not a list of step times: the cost figures "
                           "cover only the training after this resume.", stacklevel=2)
             return
@@ -107,7 +107,7 @@ class TrainingCost(Callback):
         }
 
 
-def _durations(values: Any) -> bool:
+def _non_negative_numbers(values: Any) -> bool:
     """A list of finite, non-negative numbers (seconds or MiB), as `state_dict` writes them."""
     return isinstance(values, list) and all(
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
